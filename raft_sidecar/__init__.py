@@ -1,0 +1,1 @@
+"""RaftKV Raft sidecar: a PySyncObj node, the RaftNode gRPC service and the management API."""

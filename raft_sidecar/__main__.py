@@ -1,0 +1,135 @@
+"""`python -m raft_sidecar` with the original's Go-style flags."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+
+import grpc
+from aiohttp import web
+
+from raftkv.pb import consensus_pb2_grpc as pb_grpc
+
+from . import joiner
+from .applier import Applier
+from .config import SidecarConfig, parse_args, setup_logging
+from .management import Management
+from .node import MembersFile, RaftKVNode
+from .rpc import RaftOutcome, call_replicated
+from .snapshot import Snapshots
+
+log = logging.getLogger("raft_sidecar")
+
+ENGINE_WAIT = 60.0
+
+
+async def initial_peers(cfg: SidecarConfig, members_file: MembersFile) -> tuple[list[str], bool]:
+    """Returns (peers, joining). Persisted membership wins over -bootstrap/-join."""
+    stored = members_file.load()
+    if stored:
+        if cfg.bootstrap or cfg.join_addr:
+            log.info("restarting with the persisted membership %s; ignoring -bootstrap/-join", stored)
+        return stored, False
+    if os.path.exists(cfg.journal_file):
+        raise SystemExit(f"{cfg.journal_file} exists but {cfg.members_file} does not: refusing to guess the "
+                         f"membership. Restore members.json or wipe {cfg.data_dir} and join again.")
+    if cfg.join_addr:
+        return await joiner.fetch_members(cfg), True
+    if cfg.bootstrap:
+        return [cfg.advertise], False
+    raise SystemExit("no cluster to be part of: pass -bootstrap on the first node or -join HOST:MGMTPORT")
+
+
+async def register_self(cfg: SidecarConfig, node: RaftKVNode) -> None:
+    """Keeps this node's id and management address in the replicated registry:
+    followers need the leader's management address to forward /join and /leave."""
+    while True:
+        info = node.registry_snapshot().get(cfg.advertise, {})
+        if node.selfNode.address in node.members() and node.leader_address() and \
+                (info.get("id") != cfg.node_id or info.get("mgmt") != cfg.mgmt_advertise):
+            try:
+                await call_replicated(node.register, cfg.advertise, cfg.node_id, cfg.mgmt_advertise, timeout=5.0)
+            except RaftOutcome as out:
+                log.debug("self-registration not confirmed yet: %s", out)
+        await asyncio.sleep(0.5)
+
+
+async def serve(cfg: SidecarConfig) -> int:
+    os.makedirs(cfg.data_dir, exist_ok=True)
+    loop = asyncio.get_running_loop()
+    applier = Applier(cfg.app_addr, cfg.apply_fail_timeout)
+    engine_index = await loop.run_in_executor(None, applier.connect, time.monotonic() + ENGINE_WAIT)
+    log.info("engine at %s has applied index %d", cfg.app_addr, engine_index)
+    applier.start()
+    members_file = MembersFile(cfg.members_file)
+    peers, joining = await initial_peers(cfg, members_file)
+    snapshots = Snapshots(applier, wait_timeout=30.0)
+    node = RaftKVNode(cfg, peers, applier, members_file, snapshots, persist_members=not joining)
+    log.info("raft node %s at %s, peers %s", cfg.node_id, cfg.advertise, [p for p in peers if p != cfg.advertise])
+
+    grpc_server = grpc.aio.server()
+    from .rpc import RaftNodeService
+    pb_grpc.add_RaftNodeServicer_to_server(RaftNodeService(cfg, node, applier), grpc_server)
+    grpc_addr = f"{cfg.grpc_host}:{cfg.grpc_port}"
+    try:
+        if grpc_server.add_insecure_port(grpc_addr) == 0:
+            raise RuntimeError("port in use")
+    except RuntimeError as exc:
+        log.error("cannot listen for gRPC on %s: %s", grpc_addr, exc)
+        node.destroy()
+        return 1
+    await grpc_server.start()
+    runner = web.AppRunner(Management(cfg, node, applier).app(), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, cfg.bind_host, cfg.mgmt_port).start()
+    except OSError as exc:
+        log.error("cannot listen for management HTTP on %s:%d: %s", cfg.bind_host, cfg.mgmt_port, exc)
+        node.destroy()
+        return 1
+    log.info("RaftNode gRPC on %s, management on %s:%d", grpc_addr, cfg.bind_host, cfg.mgmt_port)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    if joining:
+        try:
+            await joiner.join(cfg)
+        except joiner.JoinError as exc:
+            log.error("%s", exc)
+            node.destroy()
+            return 1
+        node.persist_members = True
+    registrar = asyncio.create_task(register_self(cfg, node))
+
+    await stop.wait()
+    log.info("shutting down")
+    registrar.cancel()
+    await runner.cleanup()
+    await grpc_server.stop(1.0)
+    node.destroy()
+    applier.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
+    setup_logging(cfg.log_level, cfg.node_id)
+    try:
+        return asyncio.run(serve(cfg))
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            log.error("%s", exc.code)
+            return 2
+        raise
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

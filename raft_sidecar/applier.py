@@ -1,0 +1,169 @@
+"""Delivers committed entries to the engine in index order, off the Raft tick thread.
+
+PySyncObj runs replicated methods on its one tick thread; a slow or failing gRPC
+call there would stop heartbeats and votes (note §9, H6). So the replicated method
+only hands (index, command) to this applier, whose thread batches runs of entries
+into one ApplyEntries call. "Committed" therefore comes before "applied", and
+everything that answers a client waits on `processed` here, not on PySyncObj.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import heapq
+import itertools
+import logging
+import os
+import threading
+import time
+from typing import Callable
+
+import grpc
+
+from raftkv.pb import consensus_pb2 as pb
+from raftkv.pb import consensus_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_ENTRIES_PER_CALL = 256
+APPLY_RPC_TIMEOUT = 5.0
+
+
+class Applier:
+    def __init__(self, app_addr: str, fail_timeout: float,
+                 fail_stop: Callable[[str], None] | None = None) -> None:
+        self._channel = grpc.insecure_channel(app_addr, options=[
+            ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
+        self.stub = pb_grpc.StateMachineStub(self._channel)
+        self._fail_timeout = fail_timeout
+        self._fail_stop = fail_stop or _exit_process
+        self._cond = threading.Condition()
+        self._queue: collections.deque[tuple[int, bytes | None]] = collections.deque()
+        self._waiters: list[tuple[int, int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._tiebreak = itertools.count()
+        self.processed = 0          # every entry <= this is reflected in the engine
+        self.engine_applied = 0     # the engine's own stored index (last KV entry)
+        self.submitted = 0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="applier", daemon=True)
+
+    # -- start ---------------------------------------------------------------
+    def connect(self, deadline: float) -> int:
+        """Waits for the engine and learns what it already stored, so a log replay
+        after restart resends nothing the engine has."""
+        last_err = None
+        while time.monotonic() < deadline:
+            try:
+                resp = self.stub.AppliedIndex(pb.Empty(), timeout=2.0)
+                self.engine_applied = resp.applied_index
+                return resp.applied_index
+            except grpc.RpcError as exc:
+                last_err = exc
+                time.sleep(0.2)
+        raise RuntimeError(f"engine StateMachine not reachable: {last_err}")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+        self._channel.close()
+
+    # -- called on the Raft tick thread ------------------------------------------
+    def submit(self, index: int, command: bytes | None) -> None:
+        with self._cond:
+            self._queue.append((index, command))
+            self.submitted = index
+            self._cond.notify_all()
+
+    def wait(self, index: int, timeout: float) -> bool:
+        """Blocks until `index` is reflected in the engine (serializer, deserializer)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.processed < index:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def reset_to(self, index: int, engine_applied: int) -> None:
+        """After a snapshot was installed: entries up to `index` will never be delivered."""
+        with self._cond:
+            self._queue = collections.deque((i, c) for i, c in self._queue if i > index)
+            self.engine_applied = engine_applied
+            if index > self.processed:
+                self.processed = index
+            self._release_waiters()
+            self._cond.notify_all()
+
+    # -- called from asyncio -------------------------------------------------------
+    async def wait_async(self, index: int) -> None:
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            if self.processed >= index:
+                return
+            fut: asyncio.Future[None] = loop.create_future()
+            heapq.heappush(self._waiters, (index, next(self._tiebreak), loop, fut))
+        await fut
+
+    # -- the applier thread ----------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_ENTRIES_PER_CALL))]
+            entries = [pb.LogEntry(index=i, commands=[pb.Command.FromString(c)])
+                       for i, c in batch if c is not None and i > self.engine_applied]
+            if entries:
+                self._deliver(entries)
+            with self._cond:
+                last = batch[-1][0]
+                if last > self.processed:
+                    self.processed = last
+                self._release_waiters()
+                self._cond.notify_all()
+
+    def _deliver(self, entries: list[pb.LogEntry]) -> None:
+        request = pb.ApplyEntriesRequest(entries=entries)
+        started = time.monotonic()
+        delay = 0.05
+        while True:
+            try:
+                resp = self.stub.ApplyEntries(request, timeout=APPLY_RPC_TIMEOUT)
+                if resp.success:
+                    self.engine_applied = resp.applied_index
+                    return
+                problem = f"engine refused entries {entries[0].index}..{entries[-1].index}: {resp.error}"
+            except grpc.RpcError as exc:
+                problem = f"engine unreachable applying {entries[0].index}..{entries[-1].index}: {exc.code().name}"
+            if time.monotonic() - started > self._fail_timeout:
+                # Fail-stop rather than skip an entry: a restart replays from the
+                # engine's stored index, so nothing is lost or applied twice.
+                self._fail_stop(f"{problem}; gave up after {self._fail_timeout:.0f}s")
+                return
+            log.warning("%s; retrying", problem)
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def _release_waiters(self) -> None:
+        while self._waiters and self._waiters[0][0] <= self.processed:
+            _, _, loop, fut = heapq.heappop(self._waiters)
+            loop.call_soon_threadsafe(_resolve, fut)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _exit_process(reason: str) -> None:
+    log.critical("FAIL-STOP: %s", reason)
+    logging.shutdown()
+    os._exit(3)

@@ -1,0 +1,175 @@
+"""The PySyncObj node: the replicated log and its few replicated methods.
+
+Replicated methods run on PySyncObj's tick thread during apply, on every node,
+also during the log replay after a restart. They never raise and never block:
+they hand the entry to the applier and return its raft index (note H5, H6).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING, Callable
+
+from pysyncobj import SyncObj, SyncObjConf, replicated
+
+from .applier import Applier
+from .config import SidecarConfig
+
+if TYPE_CHECKING:
+    from .snapshot import Snapshots
+
+log = logging.getLogger(__name__)
+
+
+def make_conf(cfg: SidecarConfig, serializer: Callable, deserializer: Callable) -> SyncObjConf:
+    return SyncObjConf(
+        # Both files, always: a journal without a dump loses the state machine at
+        # the first restart after compaction (note H2).
+        journalFile=cfg.journal_file,
+        fullDumpFile=cfg.dump_file,
+        serializer=serializer,
+        deserializer=deserializer,
+        dynamicMembershipChange=True,
+        bindAddress=f"{cfg.bind_host}:{cfg.raft_port}",
+        # Definite MISSING_LEADER instead of a command queued for minutes (note §3).
+        commandsWaitLeader=False,
+        # Send entries at once instead of on the 100 ms heartbeat (note §8).
+        appendEntriesUseBatch=False,
+        appendEntriesPeriod=cfg.heartbeat,
+        raftMinTimeout=cfg.raft_min_timeout,
+        raftMaxTimeout=cfg.raft_max_timeout,
+        connectionTimeout=cfg.connection_timeout,
+        leaderFallbackTimeout=cfg.leader_fallback_timeout,
+        logCompactionMinEntries=cfg.compact_entries,
+        logCompactionMinTime=cfg.compact_seconds,
+        commandsQueueSize=20000,
+        # Reconnect quickly to a restarted or newly added peer (default 5 s).
+        connectionRetryTime=1.0,
+    )
+
+
+class MembersFile:
+    """The membership this node last saw, so a restart ignores -bootstrap/-join.
+
+    PySyncObj replays membership entries only when it re-applies them, after the
+    first election could already have happened with the constructor's peer list.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def load(self) -> list[str] | None:
+        try:
+            with open(self.path) as f:
+                return list(json.load(f)["members"])
+        except FileNotFoundError:
+            return None
+
+    def save(self, members: list[str]) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"members": sorted(members)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+class RaftKVNode(SyncObj):
+    def __init__(self, cfg: SidecarConfig, peers: list[str], applier: Applier,
+                 members_file: MembersFile, snapshots: "Snapshots", persist_members: bool = True) -> None:
+        self._applier = applier
+        self._members_file = members_file
+        # A joining node saves its membership only once the cluster accepted it, so
+        # a crash before that makes the next start join again.
+        self.persist_members = persist_members
+        snapshots.node = self  # the first tick may load a dump before __init__ returns
+        # address -> {"id": node id, "mgmt": management address}; replicated.
+        self.registry: dict[str, dict[str, str]] = {}
+        self._registry_lock = threading.Lock()
+        self._saved_members: list[str] | None = None
+        super().__init__(cfg.advertise, [p for p in peers if p != cfg.advertise],
+                         make_conf(cfg, snapshots.serialize, snapshots.deserialize))
+        self._persist_members()
+        # A loaded snapshot replaces the peer set without the change hook below.
+        self.addOnTickCallback(self._persist_members)
+
+    # -- replicated methods --------------------------------------------------------
+    @replicated
+    def propose(self, command: bytes) -> int:
+        index = self.raftLastApplied + 1
+        self._applier.submit(index, command)
+        return index
+
+    @replicated
+    def barrier(self) -> int:
+        index = self.raftLastApplied + 1
+        self._applier.submit(index, None)
+        return index
+
+    @replicated
+    def register(self, address: str, node_id: str, mgmt: str) -> int:
+        with self._registry_lock:
+            for addr in [a for a, info in self.registry.items() if info["id"] == node_id and a != address]:
+                del self.registry[addr]
+            self.registry[address] = {"id": node_id, "mgmt": mgmt}
+        index = self.raftLastApplied + 1
+        self._applier.submit(index, None)
+        return index
+
+    @replicated
+    def unregister(self, address: str) -> int:
+        with self._registry_lock:
+            self.registry.pop(address, None)
+        index = self.raftLastApplied + 1
+        self._applier.submit(index, None)
+        return index
+
+    # -- membership ---------------------------------------------------------------------
+    def _SyncObj__doChangeCluster(self, request, reverse=False):  # noqa: N802 (PySyncObj hook)
+        """Wraps PySyncObj's private change hook: it runs when a change is appended,
+        received, rolled back or replayed, which is exactly when to persist."""
+        changed = SyncObj._SyncObj__doChangeCluster(self, request, reverse)
+        if changed:
+            self._persist_members()
+        return changed
+
+    def members(self) -> list[str]:
+        return sorted([self.selfNode.address] + [n.address for n in self.otherNodes])
+
+    def _persist_members(self) -> None:
+        if not self.persist_members:
+            return
+        members = self.members()
+        if members != self._saved_members:
+            self._members_file.save(members)
+            self._saved_members = members
+
+    def registry_snapshot(self) -> dict[str, dict[str, str]]:
+        with self._registry_lock:
+            return {a: dict(i) for a, i in self.registry.items()}
+
+    def restore_registry(self, registry: dict[str, dict[str, str]]) -> None:
+        with self._registry_lock:
+            self.registry = {a: dict(i) for a, i in registry.items()}
+
+    def id_of(self, address: str) -> str:
+        info = self.registry.get(address)
+        return info["id"] if info else address
+
+    def address_of(self, node_id: str) -> str | None:
+        for addr, info in self.registry_snapshot().items():
+            if info["id"] == node_id:
+                return addr
+        members = self.members()
+        return node_id if node_id in members else None
+
+    def leader_address(self) -> str | None:
+        leader = self._getLeader()
+        return leader.address if leader is not None else None

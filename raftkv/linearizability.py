@@ -1,0 +1,611 @@
+"""Linearizability checker for recorded key-value client histories.
+
+Fault-injection tests record what every client asked for and what it was told
+(a *history*) and then ask one question: is there a single order of the
+operations, consistent with real time, in which a plain register per key would
+have produced exactly the answers the clients saw? This module answers it.
+
+The search is Wing & Gong's algorithm with Lowe's memoization, as in Porcupine:
+the history becomes a doubly linked list of call/return entries sorted by time;
+a depth-first search repeatedly "linearizes" (lifts out) a call whose effect
+is legal in the current state, and backtracks when it meets the return of an
+op that was never linearized. Visited (linearized-set, state) pairs are cached
+so no configuration is explored twice. Keys are independent registers, so each
+key is checked on its own (P-compositionality), which keeps every search small.
+
+Indeterminate writes (status "info", or no return time) are handled as in
+Jepsen/Knossos: their return is at +infinity, so they may take effect at any
+point after their call, or never (an unobserved effect at the end of the order
+is the same as never). Failed ops definitely did not happen and are dropped;
+indeterminate reads carry no information and are dropped too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+__all__ = [
+    "Op",
+    "CheckResult",
+    "History",
+    "check",
+    "check_by_key",
+    "check_key",
+    "dump_ops",
+    "load_ops",
+]
+
+KINDS = ("set", "delete", "get")
+STATUSES = ("ok", "fail", "info")
+
+_SET, _DELETE, _GET = 0, 1, 2
+_KIND_CODE = {"set": _SET, "delete": _DELETE, "get": _GET}
+
+# How many search steps run between deadline checks (a power of two minus 1,
+# used as a mask); time.monotonic() on every step would dominate the search.
+_DEADLINE_MASK = 0x3FF
+
+
+@dataclass(frozen=True)
+class Op:
+    """One client operation as observed from outside the store.
+
+    ``value`` is the value written for a set, the value read for a get (None =
+    key absent) and None for a delete. ``ret`` None means the client never
+    learned the outcome; such an op is indeterminate whatever its status says.
+    """
+
+    process: int
+    kind: str
+    key: str
+    value: str | None
+    call: float
+    ret: float | None
+    status: str
+
+    def __post_init__(self) -> None:
+        # Catch recorder bugs here rather than as baffling checker verdicts.
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown op kind {self.kind!r}")
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown op status {self.status!r}")
+        if self.kind == "delete" and self.value is not None:
+            raise ValueError("a delete carries no value")
+        if self.kind == "set" and self.value is None:
+            raise ValueError("a set needs a value")
+        if self.ret is not None and self.ret < self.call:
+            raise ValueError(f"op returns ({self.ret}) before its call ({self.call})")
+
+    @property
+    def indeterminate(self) -> bool:
+        """True when the op may or may not have taken effect."""
+        return self.status == "info" or self.ret is None
+
+    def describe(self) -> str:
+        """Human-readable one-liner used in violation explanations."""
+        if self.kind == "set":
+            what = f"set({self.key!r}, {self.value!r})"
+        elif self.kind == "delete":
+            what = f"delete({self.key!r})"
+        else:
+            what = f"get({self.key!r}) -> {_fmt_value(self.value)}"
+        ret = "never returned" if self.indeterminate else f"{self.ret:.6f}"
+        return (
+            f"process {self.process} {what} [{self.status}] "
+            f"call={self.call:.6f} ret={ret}"
+        )
+
+
+@dataclass
+class CheckResult:
+    """Verdict for a whole history (or, from check_by_key, for one key).
+
+    ``ok`` is None when the search ran out of time before deciding.
+    ``per_key_ops`` counts the ops actually searched per key, i.e. after
+    dropping failed ops, indeterminate reads and unobservable indeterminate
+    writes.
+    """
+
+    ok: bool | None
+    bad_key: str | None = None
+    explanation: str = ""
+    per_key_ops: dict[str, int] = field(default_factory=dict)
+
+
+def _fmt_value(value: str | None) -> str:
+    return "<absent>" if value is None else repr(value)
+
+
+# --------------------------------------------------------------------------
+# Preparation: drop what carries no information, catch the obvious lies.
+# --------------------------------------------------------------------------
+
+
+def _prepare(ops: Iterable[Op]) -> list[Op]:
+    """Keep only the ops that constrain the search.
+
+    An indeterminate write whose value no read ever returned can always be
+    linearized "never": in any legal order containing it, no read sits between
+    it and the next write (that read would return its value), so removing it
+    keeps the order legal. Dropping such writes up front matters because each
+    one stays concurrent with the rest of the history and would multiply the
+    search space.
+    """
+    kept = [
+        op
+        for op in ops
+        if op.status != "fail" and not (op.kind == "get" and op.indeterminate)
+    ]
+    read_values = {op.value for op in kept if op.kind == "get"}
+    return [
+        op
+        for op in kept
+        if not (
+            op.indeterminate
+            and op.kind != "get"
+            and (op.value if op.kind == "set" else None) not in read_values
+        )
+    ]
+
+
+def _quick_violation(key: str, ops: list[Op], failed: list[Op]) -> str | None:
+    """Explain reads that no order can justify, without searching.
+
+    These are the commonest bugs (reading garbage, reading a failed write,
+    reading a value before anyone tried to write it) and they deserve a
+    clearer message than a generic search dead end.
+    """
+    first_write_call: dict[str, float] = {}
+    for op in ops:
+        if op.kind == "set":
+            prev = first_write_call.get(op.value)  # type: ignore[arg-type]
+            if prev is None or op.call < prev:
+                first_write_call[op.value] = op.call  # type: ignore[index]
+    for op in sorted(ops, key=lambda o: o.call):
+        if op.kind != "get" or op.value is None:
+            continue
+        first = first_write_call.get(op.value)
+        if first is None:
+            failed_writers = [
+                f for f in failed if f.kind == "set" and f.value == op.value
+            ]
+            msg = (
+                f"key {key!r} is not linearizable: a read returned a value that "
+                f"was never written to this key.\n  read: {op.describe()}"
+            )
+            if failed_writers:
+                msg += (
+                    "\n  the only writes of that value failed (status 'fail' "
+                    "means definitely not applied):"
+                )
+                msg += "".join(f"\n    {f.describe()}" for f in failed_writers[:5])
+            return msg
+        if op.ret is not None and op.ret < first:
+            return (
+                f"key {key!r} is not linearizable: a read returned "
+                f"{op.value!r} before any write of that value was invoked "
+                f"(first such write called at {first:.6f}).\n  read: {op.describe()}"
+            )
+    return None
+
+
+# --------------------------------------------------------------------------
+# The WGL search for one key.
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class _Outcome:
+    ok: bool | None
+    explanation: str = ""
+
+
+def _search(key: str, ops: list[Op], deadline: float | None) -> _Outcome:
+    """Wing & Gong search with Lowe's memoization over one key's register.
+
+    Iterative on purpose: histories have thousands of ops per key and the
+    search depth equals the number of linearized ops.
+    """
+    n = len(ops)
+    if n == 0:
+        return _Outcome(True)
+
+    kind = [_KIND_CODE[op.kind] for op in ops]
+    value = [op.value for op in ops]
+    definite = [not op.indeterminate for op in ops]
+
+    # Entries sorted by time; at equal times calls come first so that ops
+    # touching at an instant count as concurrent (the permissive reading).
+    events = []
+    for i, op in enumerate(ops):
+        events.append((op.call, 0, i))
+        events.append((math.inf if op.indeterminate else op.ret, 1, i))
+    events.sort()
+
+    m = 2 * n
+    head, tail = 0, m + 1
+    nxt = list(range(1, m + 2)) + [-1]
+    prv = [-1] + list(range(0, m + 1))
+    op_of = [-1] * (m + 2)
+    is_call = [False] * (m + 2)
+    match = [-1] * (m + 2)
+    call_pos = [0] * n
+    for pos, (_t, k, i) in enumerate(events, start=1):
+        op_of[pos] = i
+        if k == 0:
+            is_call[pos] = True
+            call_pos[i] = pos
+        else:
+            match[call_pos[i]] = pos
+
+    state: str | None = None
+    linearized = 0  # bitset of op indices
+    stack: list[tuple[int, str | None]] = []  # (call entry, state before it)
+    cache: set[tuple[int, str | None]] = set()
+    remaining = sum(definite)  # definite ops still to linearize
+    entry = nxt[head]
+    steps = 0
+
+    best_depth = -1
+    best_seq: list[int] = []
+    best_state: str | None = None
+    best_block = -1
+    best_pending: list[int] = []
+
+    while remaining:
+        steps += 1
+        if (
+            deadline is not None
+            and not steps & _DEADLINE_MASK
+            and time.monotonic() > deadline
+        ):
+            return _Outcome(
+                None,
+                f"key {key!r}: timed out after {steps} search steps "
+                f"({n} ops, deepest prefix {max(best_depth, 0)})",
+            )
+        if is_call[entry]:
+            i = op_of[entry]
+            k = kind[i]
+            if k == _GET:
+                legal = value[i] == state
+                new_state = state
+            else:
+                legal = True
+                new_state = value[i] if k == _SET else None
+            if legal:
+                new_lin = linearized | (1 << i)
+                ckey = (new_lin, new_state)
+                if ckey not in cache:
+                    cache.add(ckey)
+                    stack.append((entry, state))
+                    state = new_state
+                    linearized = new_lin
+                    if definite[i]:
+                        remaining -= 1
+                    # lift: unlink the call and its return
+                    p, q = prv[entry], nxt[entry]
+                    nxt[p] = q
+                    prv[q] = p
+                    r = match[entry]
+                    p, q = prv[r], nxt[r]
+                    nxt[p] = q
+                    prv[q] = p
+                    entry = nxt[head]
+                    continue
+            entry = nxt[entry]
+        else:
+            # The return of an op not yet linearized: it had to take effect by
+            # now and could not, so undo the latest choice.
+            depth = len(stack)
+            if depth > best_depth:
+                best_depth = depth
+                best_seq = [op_of[e] for e, _ in stack]
+                best_state = state
+                best_block = op_of[entry]
+                best_pending = []
+                e = nxt[head]
+                while e != entry:
+                    if is_call[e]:
+                        best_pending.append(op_of[e])
+                    e = nxt[e]
+            if not stack:
+                break
+            entry, state = stack.pop()
+            i = op_of[entry]
+            linearized ^= 1 << i
+            if definite[i]:
+                remaining += 1
+            # unlift: relink return then call (reverse order of lift)
+            r = match[entry]
+            nxt[prv[r]] = r
+            prv[nxt[r]] = r
+            nxt[prv[entry]] = entry
+            prv[nxt[entry]] = entry
+            entry = nxt[entry]
+
+    if not remaining:
+        return _Outcome(True)
+    return _Outcome(
+        False,
+        _explain(key, ops, best_seq, best_state, best_block, best_pending),
+    )
+
+
+def _explain(
+    key: str,
+    ops: list[Op],
+    seq: list[int],
+    state: str | None,
+    block: int,
+    pending: list[int],
+) -> str:
+    """Describe the deepest dead end the search reached."""
+    lines = [
+        f"key {key!r} is not linearizable ({len(ops)} ops checked).",
+        f"Longest linearizable prefix found: {len(seq)} of {len(ops)} ops; "
+        f"register state after it: {_fmt_value(state)}.",
+    ]
+    tail_n = 8
+    if seq:
+        shown = seq[-tail_n:]
+        lines.append(
+            f"Last {len(shown)} ops of that prefix, in linearization order:"
+        )
+        lines.extend(f"  {ops[i].describe()}" for i in shown)
+    lines.append(
+        "Could not linearize this op before its return (no order of the ops "
+        "still pending is consistent):"
+    )
+    lines.append(f"  {ops[block].describe()}")
+    others = [i for i in pending if i != block]
+    if others:
+        lines.append(f"Ops pending at that point ({len(others)}, up to 10 shown):")
+        for i in others[:10]:
+            op = ops[i]
+            why = ""
+            if op.kind == "get" and op.value != state:
+                why = f"  (reads {_fmt_value(op.value)}, state is {_fmt_value(state)})"
+            lines.append(f"  {op.describe()}{why}")
+    b = ops[block]
+    if b.kind == "get" and b.value != state:
+        lines.append(
+            f"The blocked read returned {_fmt_value(b.value)} but the register "
+            f"held {_fmt_value(state)}: a stale, lost or out-of-order value."
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Public entry points.
+# --------------------------------------------------------------------------
+
+
+def _group(ops: Iterable[Op]) -> dict[str, list[Op]]:
+    by_key: dict[str, list[Op]] = {}
+    for op in ops:
+        by_key.setdefault(op.key, []).append(op)
+    return by_key
+
+
+def check_key(key: str, ops: list[Op], deadline: float | None = None) -> CheckResult:
+    """Check one key's ops (all must be on ``key``) against a register.
+
+    ``deadline`` is an absolute time.monotonic() value shared across keys.
+    """
+    prepared = _prepare(ops)
+    counts = {key: len(prepared)}
+    if deadline is not None and time.monotonic() >= deadline:
+        return CheckResult(None, None, f"key {key!r}: not checked (timed out)", counts)
+    failed = [op for op in ops if op.status == "fail"]
+    quick = _quick_violation(key, prepared, failed)
+    if quick is not None:
+        return CheckResult(False, key, quick, counts)
+    out = _search(key, prepared, deadline)
+    return CheckResult(
+        out.ok, key if out.ok is False else None, out.explanation, counts
+    )
+
+
+def _ordered_keys(by_key: dict[str, list[Op]]) -> list[str]:
+    # Small keys first: a cheap violation is found before an expensive search.
+    return sorted(by_key, key=lambda k: (len(by_key[k]), k))
+
+
+def check_by_key(
+    ops: list[Op], timeout: float | None = None
+) -> dict[str, CheckResult]:
+    """Check every key independently and return each key's verdict."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    by_key = _group(ops)
+    return {key: check_key(key, by_key[key], deadline) for key in _ordered_keys(by_key)}
+
+
+def check(ops: list[Op], timeout: float | None = None) -> CheckResult:
+    """Decide whether ``ops`` is linearizable for a per-key register model.
+
+    Stops at the first key with a violation. With a ``timeout`` (seconds,
+    for the whole history), undecided keys make the verdict None unless some
+    other key is definitely violated.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    by_key = _group(ops)
+    per_key: dict[str, int] = {}
+    unknown: list[str] = []
+    for key in _ordered_keys(by_key):
+        res = check_key(key, by_key[key], deadline)
+        per_key.update(res.per_key_ops)
+        if res.ok is False:
+            for other in by_key:  # report counts for every key, checked or not
+                per_key.setdefault(other, len(_prepare(by_key[other])))
+            return CheckResult(False, key, res.explanation, per_key)
+        if res.ok is None:
+            unknown.append(key)
+    if unknown:
+        return CheckResult(
+            None,
+            None,
+            "timed out before deciding key(s): " + ", ".join(map(repr, unknown)),
+            per_key,
+        )
+    return CheckResult(
+        True, None, f"linearizable ({sum(per_key.values())} ops, {len(per_key)} keys)", per_key
+    )
+
+
+# --------------------------------------------------------------------------
+# Recording and persistence.
+# --------------------------------------------------------------------------
+
+
+def _op_to_json(op: Op) -> str:
+    return json.dumps(asdict(op), sort_keys=True)
+
+
+def _op_from_json(line: str) -> Op:
+    d = json.loads(line)
+    return Op(
+        process=int(d["process"]),
+        kind=d["kind"],
+        key=d["key"],
+        value=d.get("value"),
+        call=float(d["call"]),
+        ret=None if d.get("ret") is None else float(d["ret"]),
+        status=d["status"],
+    )
+
+
+def dump_ops(ops: Iterable[Op], path: str | os.PathLike[str]) -> None:
+    """Write ops one JSON object per line, so a failing run can be replayed."""
+    with open(path, "w", encoding="utf-8") as f:
+        for op in ops:
+            f.write(_op_to_json(op))
+            f.write("\n")
+
+
+def load_ops(path: str | os.PathLike[str]) -> list[Op]:
+    """Read ops written by dump_ops (blank lines are ignored)."""
+    with open(path, encoding="utf-8") as f:
+        return [_op_from_json(line) for line in f if line.strip()]
+
+
+@dataclass
+class _Pending:
+    process: int
+    kind: str
+    key: str
+    value: str | None
+    call: float
+
+
+class History:
+    """Thread-safe recorder of client operations.
+
+    Call ``invoke`` just before sending a request and ``ok``/``fail``/``info``
+    just after learning its outcome; the timestamps then bracket the real
+    effect. The lock is held only for dictionary updates and never across
+    I/O, so asyncio tasks may call it directly from the event loop.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._handles = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._busy: dict[int, int] = {}  # process -> its outstanding handle
+        self._ops: list[Op] = []
+
+    def invoke(
+        self, process: int, kind: str, key: str, value: str | None = None
+    ) -> int:
+        """Record the start of an op and return a handle for its outcome."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown op kind {kind!r}")
+        if kind == "set" and value is None:
+            raise ValueError("a set needs a value")
+        if kind != "set" and value is not None:
+            raise ValueError(f"a {kind} is invoked without a value")
+        now = self._clock()
+        with self._lock:
+            if process in self._busy:
+                raise ValueError(
+                    f"process {process} already has an op outstanding; "
+                    "use a new process id after an indeterminate op"
+                )
+            handle = next(self._handles)
+            self._pending[handle] = _Pending(process, kind, key, value, now)
+            self._busy[process] = handle
+            return handle
+
+    def _complete(
+        self, handle: int, status: str, ret: float | None, value: str | None
+    ) -> Op:
+        with self._lock:
+            p = self._pending.pop(handle, None)
+            if p is None:
+                raise KeyError(f"unknown or already completed handle {handle}")
+            del self._busy[p.process]
+            if p.kind == "get":
+                v = value if status == "ok" else None
+            else:
+                if value is not None and value != p.value:
+                    self._pending[handle] = p
+                    self._busy[p.process] = handle
+                    raise ValueError("a write completes with the value it was invoked with")
+                v = p.value
+            op = Op(p.process, p.kind, p.key, v, p.call, ret, status)
+            self._ops.append(op)
+            return op
+
+    def ok(self, handle: int, value: str | None = None) -> Op:
+        """Record success; for a get, ``value`` is what was read (None = absent)."""
+        return self._complete(handle, "ok", self._clock(), value)
+
+    def fail(self, handle: int) -> Op:
+        """Record a definite failure: the op certainly had no effect."""
+        return self._complete(handle, "fail", self._clock(), None)
+
+    def info(self, handle: int) -> Op:
+        """Record an unknown outcome (timeout, lost connection, crash)."""
+        return self._complete(handle, "info", None, None)
+
+    @property
+    def ops(self) -> list[Op]:
+        """Completed ops plus still-outstanding ones as indeterminate, by call time."""
+        with self._lock:
+            out = list(self._ops)
+            out.extend(
+                Op(p.process, p.kind, p.key, p.value if p.kind == "set" else None,
+                   p.call, None, "info")
+                for p in self._pending.values()
+            )
+        out.sort(key=lambda o: o.call)
+        return out
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._ops) + len(self._pending)
+
+    def check(self, timeout: float | None = None) -> CheckResult:
+        """Check the recorded history (outstanding ops count as indeterminate)."""
+        return check(self.ops, timeout)
+
+    def to_jsonl(self, path: str | os.PathLike[str]) -> None:
+        """Save the history (see dump_ops)."""
+        dump_ops(self.ops, path)
+
+    @classmethod
+    def from_jsonl(
+        cls, path: str | os.PathLike[str], clock: Callable[[], float] = time.monotonic
+    ) -> "History":
+        """Load a history saved by to_jsonl; its ops are all completed."""
+        h = cls(clock)
+        h._ops = load_ops(path)
+        return h

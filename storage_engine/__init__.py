@@ -1,0 +1,1 @@
+"""RaftKV storage engine: client HTTP API, LevelDB-backed map, gRPC StateMachine."""

@@ -1,0 +1,71 @@
+"""`python -m storage_engine HTTP_PORT GRPC_PORT SIDECAR_PORT DB_PATH [options]`."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import grpc
+from aiohttp import web
+
+from raftkv.pb import consensus_pb2_grpc as pb_grpc
+
+from .config import EngineConfig, parse_args, setup_logging
+from .http_api import ClientAPI
+from .raft_client import RaftClient
+from .state_machine import StateMachineService
+from .store import Store
+
+log = logging.getLogger("storage_engine")
+
+
+async def serve(cfg: EngineConfig) -> int:
+    store = Store(cfg.db_path, cfg.apply_audit)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
+                                      ("grpc.max_send_message_length", 64 << 20)])
+    pb_grpc.add_StateMachineServicer_to_server(StateMachineService(store), server)
+    grpc_addr = f"{cfg.grpc_host}:{cfg.grpc_port}"
+    try:
+        if server.add_insecure_port(grpc_addr) == 0:
+            raise RuntimeError("port in use")
+    except RuntimeError as exc:
+        log.error("cannot listen for gRPC on %s: %s", grpc_addr, exc)
+        store.close()
+        return 1
+    await server.start()
+    raft = RaftClient(cfg)
+    await raft.start()
+    runner = web.AppRunner(ClientAPI(cfg, store, raft).app(), access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, cfg.http_host, cfg.http_port, backlog=1024).start()
+    except OSError as exc:
+        log.error("cannot listen for HTTP on %s:%d: %s", cfg.http_host, cfg.http_port, exc)
+        await server.stop(0)
+        store.close()
+        return 1
+    log.info("serving HTTP on %s:%d, StateMachine gRPC on %s, sidecar at %s",
+             cfg.http_host, cfg.http_port, grpc_addr, cfg.sidecar_target)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining client requests")
+    await runner.cleanup()
+    await raft.close()
+    await server.stop(2.0)
+    store.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(cfg.log_level)
+    return asyncio.run(serve(cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

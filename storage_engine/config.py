@@ -1,0 +1,90 @@
+"""Engine configuration: built once from the command line and environment, passed down."""
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+DEFAULT_MAX_VALUE_BYTES = 1 << 20
+# Room for the msgpack framing and a key next to the largest value.
+BODY_OVERHEAD_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    http_port: int = 8080
+    grpc_port: int = 50051
+    sidecar_port: int = 50052
+    db_path: str = "kv.db"
+    http_host: str = "0.0.0.0"
+    grpc_host: str = "127.0.0.1"
+    sidecar_host: str = "127.0.0.1"
+    max_key_bytes: int = 4096
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    propose_timeout: float = 5.0
+    read_timeout: float = 5.0
+    max_inflight_writes: int = 4096
+    max_batch_commands: int = 512
+    apply_audit: str | None = None
+    log_level: str = "INFO"
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.max_value_bytes + self.max_key_bytes + BODY_OVERHEAD_BYTES
+
+    @property
+    def sidecar_target(self) -> str:
+        return f"{self.sidecar_host}:{self.sidecar_port}"
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range: {text}")
+    return value
+
+
+def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> EngineConfig:
+    """The original's positional form `HTTP_PORT GRPC_PORT SIDECAR_PORT DB_PATH` plus long options."""
+    env = env or {}
+    p = argparse.ArgumentParser(
+        prog="python -m storage_engine",
+        description="RaftKV storage engine (client HTTP API + gRPC StateMachine).",
+    )
+    p.add_argument("http_port", type=_port, help="client HTTP port (original: 8080)")
+    p.add_argument("grpc_port", type=_port, help="StateMachine gRPC port the sidecar calls (50051)")
+    p.add_argument("sidecar_port", type=_port, help="the local sidecar's RaftNode gRPC port (50052)")
+    p.add_argument("db_path", help="LevelDB directory (created if missing)")
+    p.add_argument("--http-host", default=env.get("ENGINE_HTTP_HOST", "0.0.0.0"))
+    p.add_argument("--grpc-host", default="127.0.0.1", help="StateMachine listen address")
+    p.add_argument("--sidecar-host", default="127.0.0.1")
+    p.add_argument("--max-key-bytes", type=int, default=4096)
+    p.add_argument("--max-value-bytes", type=int, default=DEFAULT_MAX_VALUE_BYTES)
+    p.add_argument("--propose-timeout", type=float, default=5.0,
+                   help="seconds a write waits for commit before answering 'outcome unknown'")
+    p.add_argument("--read-timeout", type=float, default=5.0,
+                   help="seconds a linearizable read waits for its barrier")
+    p.add_argument("--max-inflight-writes", type=int, default=4096,
+                   help="writes waiting for commit on this node; beyond it clients get 503 at once")
+    p.add_argument("--apply-audit", default=None,
+                   help="append '<raft index>' per applied entry to this file (testing aid)")
+    p.add_argument("--log-level", default=env.get("LOG_LEVEL", "INFO"))
+    a = p.parse_args(list(argv))
+    if a.max_value_bytes <= 0 or a.max_key_bytes <= 0:
+        p.error("size limits must be positive")
+    return EngineConfig(
+        http_port=a.http_port, grpc_port=a.grpc_port, sidecar_port=a.sidecar_port,
+        db_path=a.db_path, http_host=a.http_host, grpc_host=a.grpc_host,
+        sidecar_host=a.sidecar_host, max_key_bytes=a.max_key_bytes,
+        max_value_bytes=a.max_value_bytes, propose_timeout=a.propose_timeout,
+        read_timeout=a.read_timeout, max_inflight_writes=a.max_inflight_writes,
+        apply_audit=a.apply_audit, log_level=a.log_level.upper(),
+    )
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s engine %(name)s: %(message)s",
+    )

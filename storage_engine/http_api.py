@@ -1,0 +1,110 @@
+"""Client HTTP API: the original's endpoints with proper status codes (SPEC §4).
+
+The HTTP layer never touches LevelDB: writes go through raft_client, reads come
+from the store after the read barrier that the consistency level asks for.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import web
+
+from raftkv.pb import consensus_pb2 as pb
+
+from .commands import parse_insert
+from .config import EngineConfig
+from .errors import ErrorKind, KVError
+from .raft_client import RaftClient
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+STATUS_FOR = {
+    ErrorKind.BAD_INPUT: 400,
+    ErrorKind.TOO_LARGE: 413,
+    ErrorKind.NO_LEADER: 503,
+    ErrorKind.NO_QUORUM: 503,
+    ErrorKind.OVERLOADED: 503,
+    ErrorKind.NOT_APPLIED: 503,
+    ErrorKind.OUTCOME_UNKNOWN: 503,
+    ErrorKind.INTERNAL: 500,
+}
+
+CONSISTENCY = {"linearizable": pb.LINEARIZABLE, "leader": pb.LEADER, "local": None}
+
+
+def error_response(err: KVError) -> web.Response:
+    status = STATUS_FOR[err.kind]
+    resp = web.Response(status=status, text=f"error: {err.message}")
+    if status == 503:
+        resp.headers["Retry-After"] = "1"
+    return resp
+
+
+class ClientAPI:
+    def __init__(self, cfg: EngineConfig, store: Store, raft: RaftClient) -> None:
+        self._cfg = cfg
+        self._store = store
+        self._raft = raft
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self._cfg.max_body_bytes)
+        app.router.add_post("/insert-val", self.insert_val)
+        app.router.add_get("/get-val", self.get_val)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/debug/stats", self.stats)
+        return app
+
+    async def insert_val(self, request: web.Request) -> web.Response:
+        try:
+            if request.content_length is not None and request.content_length > self._cfg.max_body_bytes:
+                # Refused from the header alone: a 10 MiB body is never read into memory.
+                resp = error_response(KVError(ErrorKind.TOO_LARGE,
+                                              f"body is {request.content_length} bytes; "
+                                              f"the limit is {self._cfg.max_body_bytes}"))
+                resp.force_close()
+                return resp
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                resp = error_response(KVError(ErrorKind.TOO_LARGE,
+                                              f"body exceeds the limit of {self._cfg.max_body_bytes} bytes"))
+                resp.force_close()
+                return resp
+            write = parse_insert(body, self._cfg.max_key_bytes, self._cfg.max_value_bytes)
+            await self._raft.write(write)
+        except KVError as err:
+            return error_response(err)
+        return web.Response(text="ok")
+
+    async def get_val(self, request: web.Request) -> web.Response:
+        key = request.query.get("key")
+        try:
+            if key is None or key == "":
+                raise KVError(ErrorKind.BAD_INPUT, "missing query parameter 'key'")
+            level = request.query.get("consistency", "linearizable").lower()
+            if level not in CONSISTENCY:
+                raise KVError(ErrorKind.BAD_INPUT,
+                              f"unknown consistency {level!r}; use linearizable, leader or local")
+            mode = CONSISTENCY[level]
+            if mode is not None:
+                await self._raft.barrier.wait(mode)
+        except KVError as err:
+            return error_response(err)
+        value = self._store.get(key.encode("utf-8"))
+        if value is None:
+            return web.Response(status=404, text="Key Not Found")
+        return web.Response(body=value, content_type="text/plain")
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="OK")
+
+    async def stats(self, request: web.Request) -> web.Response:
+        s = self._store
+        return web.Response(content_type="application/json", text=json.dumps({
+            "applied_index": s.applied_index,
+            "applies": s.stats.applies,
+            "skipped": s.stats.skipped,
+            "keys": len(s),
+        }))

@@ -1,0 +1,160 @@
+"""The engine's side of the RaftNode gRPC contract: batched proposals, shared read barriers."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable
+
+import grpc
+
+from raftkv.pb import consensus_pb2 as pb
+from raftkv.pb import consensus_pb2_grpc as pb_grpc
+
+from .commands import Write, encode_batch
+from .config import EngineConfig
+from .errors import ErrorKind, KVError
+
+log = logging.getLogger(__name__)
+
+_CODE_KIND = {
+    pb.BAD_REQUEST: ErrorKind.BAD_INPUT,
+    pb.NO_LEADER: ErrorKind.NO_LEADER,
+    pb.OVERLOADED: ErrorKind.OVERLOADED,
+    pb.NOT_APPLIED: ErrorKind.NOT_APPLIED,
+    pb.OUTCOME_UNKNOWN: ErrorKind.OUTCOME_UNKNOWN,
+    pb.INTERNAL: ErrorKind.INTERNAL,
+}
+
+# Proposals on the wire at once. More only lengthens the sidecar's queue; while
+# they are busy, new writes pile up and leave together as one entry.
+MAX_CONCURRENT_PROPOSALS = 4
+
+
+def error_from_response(code: int, error: str) -> KVError:
+    kind = _CODE_KIND.get(code, ErrorKind.INTERNAL)
+    if kind is ErrorKind.OUTCOME_UNKNOWN and "outcome unknown" not in error:
+        error = f"outcome unknown: {error}"
+    return KVError(kind, error or kind.value)
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError, what: str) -> KVError:
+    """A failed RPC to the local sidecar. Once the request may have left, the outcome is unknown."""
+    code = exc.code()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return KVError(ErrorKind.OUTCOME_UNKNOWN, f"outcome unknown: {what} timed out; it may still commit")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return KVError(ErrorKind.OUTCOME_UNKNOWN,
+                       f"outcome unknown: the local Raft sidecar is unreachable ({exc.details()})")
+    return KVError(ErrorKind.INTERNAL, f"{what} failed: {code.name} {exc.details()}")
+
+
+class RaftClient:
+    def __init__(self, cfg: EngineConfig) -> None:
+        self._cfg = cfg
+        self._channel = grpc.aio.insecure_channel(cfg.sidecar_target)
+        self._stub = pb_grpc.RaftNodeStub(self._channel)
+        self._pending: list[tuple[Write, asyncio.Future[int]]] = []
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT_PROPOSALS)
+        self._sender: asyncio.Task[None] | None = None
+        self._inflight = 0
+        self.barrier = SharedBarrier(self._read_barrier_rpc)
+
+    async def start(self) -> None:
+        self._sender = asyncio.create_task(self._send_loop())
+
+    async def close(self) -> None:
+        if self._sender:
+            self._sender.cancel()
+        await self._channel.close()
+
+    # -- writes -----------------------------------------------------------------
+    async def write(self, w: Write) -> int:
+        """Replicates one write; returns its raft index once applied on this node."""
+        if self._inflight >= self._cfg.max_inflight_writes:
+            raise KVError(ErrorKind.OVERLOADED, "too many writes in flight on this node; retry later")
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append((w, fut))
+        self._inflight += 1
+        self._wakeup.set()
+        try:
+            return await fut
+        finally:
+            self._inflight -= 1
+
+    async def _send_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                await self._slots.acquire()
+                batch = self._pending[: self._cfg.max_batch_commands]
+                del self._pending[: len(batch)]
+                asyncio.create_task(self._propose(batch))
+
+    async def _propose(self, batch: list[tuple[Write, asyncio.Future[int]]]) -> None:
+        try:
+            try:
+                resp = await self._stub.Propose(encode_batch(w for w, _ in batch),
+                                                timeout=self._cfg.propose_timeout)
+            except grpc.aio.AioRpcError as exc:
+                err: KVError | None = error_from_rpc(exc, "write")
+            else:
+                err = None if resp.success else error_from_response(resp.code, resp.error)
+            for _, fut in batch:
+                if fut.done():
+                    continue
+                if err is None:
+                    fut.set_result(resp.index)
+                else:
+                    fut.set_exception(err)
+        finally:
+            self._slots.release()
+
+    # -- reads ------------------------------------------------------------------
+    async def _read_barrier_rpc(self, mode: int) -> int:
+        try:
+            resp = await self._stub.ReadBarrier(pb.ReadBarrierRequest(mode=mode), timeout=self._cfg.read_timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                raise KVError(ErrorKind.NO_QUORUM,
+                              f"could not confirm leadership with a majority: {exc.code().name}") from None
+            raise error_from_rpc(exc, "read barrier") from None
+        if not resp.success:
+            raise error_from_response(resp.code, resp.error)
+        return resp.index
+
+
+class SharedBarrier:
+    """One barrier RPC in flight at a time; every reader joins the next one.
+
+    A reader may only use a barrier issued after it arrived (otherwise a write
+    acknowledged just before the read could be missed), so a reader that comes
+    while one is in flight waits for the following one. N concurrent readers
+    cost two round trips at most, not N.
+    """
+
+    def __init__(self, rpc: Callable[[int], Awaitable[int]]) -> None:
+        self._rpc = rpc
+        self._next: dict[int, asyncio.Future[int]] = {}
+        self._running: set[int] = set()
+
+    async def wait(self, mode: int = 0) -> int:
+        fut = self._next.get(mode)
+        if fut is None:
+            fut = self._next[mode] = asyncio.get_running_loop().create_future()
+            if mode not in self._running:
+                self._running.add(mode)
+                asyncio.create_task(self._run(mode))
+        return await asyncio.shield(fut)
+
+    async def _run(self, mode: int) -> None:
+        try:
+            while (fut := self._next.pop(mode, None)) is not None:
+                try:
+                    fut.set_result(await self._rpc(mode))
+                except Exception as exc:
+                    fut.set_exception(exc)
+                    fut.exception()  # consumed: readers may all have gone
+        finally:
+            self._running.discard(mode)

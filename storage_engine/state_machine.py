@@ -1,0 +1,80 @@
+"""gRPC StateMachine service: the sidecar delivers committed entries here.
+
+Calls come from the one ordered applier of the local sidecar, so they never
+overlap; each is idempotent by raft index (see store.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+import grpc
+
+from raftkv.pb import consensus_pb2 as pb
+from raftkv.pb import consensus_pb2_grpc as pb_grpc
+
+from .commands import decode_command
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+class StateMachineService(pb_grpc.StateMachineServicer):
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._restore_lock = asyncio.Lock()
+
+    async def Apply(self, request: pb.Command, context: grpc.aio.ServicerContext) -> pb.ApplyResponse:
+        if request.index == 0:
+            return pb.ApplyResponse(success=False, applied_index=self._store.applied_index,
+                                    error="Apply needs the raft index (field 7); unindexed applies cannot be fenced")
+        index = self._store.apply([(request.index, decode_command(request))])
+        return pb.ApplyResponse(success=True, applied_index=index)
+
+    async def ApplyEntries(self, request: pb.ApplyEntriesRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ApplyResponse:
+        entries = [(e.index, [w for c in e.commands for w in decode_command(c)]) for e in request.entries]
+        try:
+            index = self._store.apply(entries)
+        except Exception as exc:  # a LevelDB failure must reach the sidecar, which fail-stops
+            log.exception("apply failed")
+            return pb.ApplyResponse(success=False, applied_index=self._store.applied_index, error=str(exc))
+        return pb.ApplyResponse(success=True, applied_index=index)
+
+    async def AppliedIndex(self, request: pb.Empty, context: grpc.aio.ServicerContext) -> pb.ApplyResponse:
+        return pb.ApplyResponse(success=True, applied_index=self._store.applied_index)
+
+    async def Snapshot(self, request: pb.SnapshotRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SnapshotChunk]:
+        if self._store.applied_index < request.min_index:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"engine applied {self._store.applied_index} < requested {request.min_index}")
+        first = True
+        for index, chunk in self._store.iter_snapshot():
+            yield pb.SnapshotChunk(applied_index=index if first else 0,
+                                   keys=[k for k, _ in chunk], values=[v for _, v in chunk])
+            first = False
+        yield pb.SnapshotChunk(last=True)
+
+    async def Restore(self, request_iterator: AsyncIterator[pb.SnapshotChunk],
+                      context: grpc.aio.ServicerContext) -> pb.ApplyResponse:
+        async with self._restore_lock:
+            restore = self._store.begin_restore()
+            index = None
+            try:
+                async for chunk in request_iterator:
+                    if index is None:
+                        index = chunk.applied_index
+                    restore.add(zip(chunk.keys, chunk.values))
+                    if chunk.last:
+                        break
+                else:
+                    raise ValueError("snapshot stream ended without its last chunk")
+                restore.commit(index or 0)
+            except Exception as exc:
+                restore.abort()
+                log.exception("restore failed; keeping the old state")
+                return pb.ApplyResponse(success=False, applied_index=self._store.applied_index, error=str(exc))
+        log.info("restored snapshot at index %d (%d keys)", self._store.applied_index, len(self._store))
+        return pb.ApplyResponse(success=True, applied_index=self._store.applied_index)
