@@ -63,6 +63,13 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"not a boolean: {text}")
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range: {text}")
+    return value
+
+
 def _go_style(argv: Sequence[str]) -> list[str]:
     """Go's flag package takes `-name value` and `-name=value`; argparse wants `--name`."""
     out = []
@@ -78,10 +85,10 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Sid
     p = argparse.ArgumentParser(prog="python -m raft_sidecar",
                                 description="RaftKV Raft sidecar (PySyncObj). Flags accept -name or --name.")
     p.add_argument("--id", default="node1", help="node id (node1)")
-    p.add_argument("--raft", type=int, default=8088, help="Raft TCP port (8088)")
-    p.add_argument("--srv", type=int, default=50052, help="RaftNode gRPC port (50052)")
+    p.add_argument("--raft", type=_port, default=8088, help="Raft TCP port (8088)")
+    p.add_argument("--srv", type=_port, default=50052, help="RaftNode gRPC port (50052)")
     p.add_argument("--app", default="localhost:50051", help="engine StateMachine address (localhost:50051)")
-    p.add_argument("--mgmt", type=int, default=6000, help="management HTTP port (6000)")
+    p.add_argument("--mgmt", type=_port, default=6000, help="management HTTP port (6000)")
     p.add_argument("--bootstrap", type=_bool, nargs="?", const=True, default=False,
                    help="start a new cluster with this node as its only member")
     p.add_argument("--data", default="raft-data", help="Raft data directory (raft-data)")

@@ -37,8 +37,9 @@ def parse_insert(body: bytes, max_key_bytes: int, max_value_bytes: int) -> Write
     if not body:
         raise KVError(ErrorKind.BAD_INPUT, "empty body; expected a msgpack map {op, key, value}")
     try:
+        # String sizes are bounded by the body (already limited by http_api) and
+        # checked below, so that an oversized value gets "too large", not "invalid".
         doc = msgpack.unpackb(body, raw=False, strict_map_key=False,
-                              max_str_len=max_value_bytes + 1, max_bin_len=max_value_bytes + 1,
                               max_array_len=16, max_map_len=16, max_ext_len=0)
     except msgpack.ExtraData:
         raise KVError(ErrorKind.BAD_INPUT, "body has trailing bytes after the msgpack map") from None

@@ -1,0 +1,314 @@
+"""Tests for the sidecar's snapshot file format (raft_sidecar.snapshot).
+
+The file is written by the real `Snapshots.serialize` from a real engine: a
+`storage_engine.store.Store` streamed by the real `StateMachineService.Snapshot`
+(which reads `Store.iter_snapshot`). Only the transport is replaced: the
+stand-in applier calls the servicer in-process instead of over gRPC. The file
+is read back with `read_header` and `_chunks`, and, for the full round trip,
+fed to the real `StateMachineService.Restore` of a second store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import zlib
+
+import pytest
+
+from raft_sidecar.snapshot import CHUNK_PAIRS, MAGIC, Snapshots, SnapshotError, _chunks, read_header
+from raftkv.pb import consensus_pb2 as pb
+from storage_engine.commands import Write
+from storage_engine.state_machine import StateMachineService
+from storage_engine.store import Store
+
+# What PySyncObj hands to the serializer: (last applied entry, previous entry, cluster);
+# an entry is (command, index, term). Index 42 is the raft index of the snapshot.
+RAFT_DATA = ((b"\x01cmd", 42, 3), (b"\x01cmd", 41, 3), frozenset({"node2:8088", "node3:8088"}))
+
+
+class InProcessStub:
+    """The engine's StateMachine, called in-process: same servicer, no channel."""
+
+    def __init__(self, service: StateMachineService) -> None:
+        self._service = service
+        self.snapshot_requests: list[tuple[pb.SnapshotRequest, float | None]] = []
+
+    def Snapshot(self, request, timeout=None):
+        self.snapshot_requests.append((request, timeout))
+        agen = self._service.Snapshot(request, None)
+        loop = asyncio.new_event_loop()
+        try:
+            while True:  # stream lazily, like a gRPC response iterator
+                try:
+                    yield loop.run_until_complete(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            loop.run_until_complete(agen.aclose())
+            loop.close()
+
+    def Restore(self, chunks, timeout=None):
+        async def stream():
+            for chunk in chunks:
+                yield chunk
+        return asyncio.run(self._service.Restore(stream(), None))
+
+
+class EngineApplier:
+    """Stand-in for raft_sidecar.applier.Applier: `.wait()` and `.stub` over a real engine."""
+
+    def __init__(self, store: Store, reached: bool = True) -> None:
+        self.stub = InProcessStub(StateMachineService(store))
+        self.reached = reached
+        self.waits: list[tuple[int, float]] = []
+
+    def wait(self, index: int, timeout: float) -> bool:
+        self.waits.append((index, timeout))
+        return self.reached
+
+
+@pytest.fixture
+def stores(tmp_path):
+    opened: list[Store] = []
+
+    def _open(name: str = "engine.db") -> Store:
+        s = Store(str(tmp_path / name))
+        opened.append(s)
+        return s
+
+    yield _open
+    for s in opened:
+        s.close()
+
+
+def fill(store: Store, pairs: dict[bytes, bytes], index: int) -> None:
+    store.apply([(index, [Write("SET", k, v) for k, v in pairs.items()])])
+
+
+def write_snapshot(store: Store, path: str, raft_data: tuple = RAFT_DATA) -> EngineApplier:
+    applier = EngineApplier(store)
+    Snapshots(applier, wait_timeout=7.0).serialize(path, raft_data)
+    return applier
+
+
+def read_pairs(path: str, engine_index: int) -> tuple[list[pb.SnapshotChunk], list[tuple[bytes, bytes]]]:
+    chunks = list(_chunks(path, engine_index))
+    pairs = [(k, v) for c in chunks for k, v in zip(c.keys, c.values)]
+    return chunks, pairs
+
+
+SMALL = {
+    b"alpha": b"1",
+    b"\x00\x01\xff binary key": b"\x00\xff\x00 binary value",
+    b"empty-value": b"",
+    "ключ".encode(): "значение".encode(),
+    b"k" * 200: b"v" * 400,
+}
+
+
+@pytest.fixture
+def small_snapshot(stores, tmp_path):
+    store = stores()
+    fill(store, SMALL, 17)
+    path = str(tmp_path / "raft.dump")
+    applier = write_snapshot(store, path)
+    return path, applier
+
+
+# -- header ------------------------------------------------------------------------------
+
+def test_header_contents(small_snapshot):
+    path, applier = small_snapshot
+    header = read_header(path)
+    assert header == {"raft": RAFT_DATA, "registry": {}, "engine_index": 17}
+    # serialize waited for the engine to reach the snapshot's raft index first
+    assert applier.waits == [(42, 7.0)]
+    assert len(applier.stub.snapshot_requests) == 1
+
+
+def test_file_layout(small_snapshot):
+    path, _ = small_snapshot
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data.startswith(MAGIC)
+    (stored_crc,) = struct.unpack(">I", data[-4:])
+    assert stored_crc == zlib.crc32(data[:-4])
+    assert data[-12:-4] == struct.pack(">II", 0xFFFFFFFF, 0)   # end marker before the checksum
+
+
+def test_serialize_refuses_when_the_engine_lags(stores, tmp_path):
+    store = stores()
+    fill(store, SMALL, 3)
+    applier = EngineApplier(store, reached=False)
+    path = str(tmp_path / "raft.dump")
+    with pytest.raises(SnapshotError, match="42"):
+        Snapshots(applier, wait_timeout=0.1).serialize(path, RAFT_DATA)
+    assert not os.path.exists(path)
+    assert applier.stub.snapshot_requests == []
+
+
+# -- data round trip -------------------------------------------------------------------------
+
+def test_round_trip_of_keys_and_values(small_snapshot):
+    path, _ = small_snapshot
+    chunks, pairs = read_pairs(path, 17)
+    assert dict(pairs) == SMALL
+    assert [k for k, _ in pairs] == sorted(SMALL)     # LevelDB order, no duplicates
+    assert len(chunks) == 1
+    assert chunks[0].applied_index == 17 and chunks[0].last
+
+
+def test_round_trip_of_many_chunks(stores, tmp_path):
+    store = stores()
+    n = 2 * CHUNK_PAIRS + 345
+    data = {b"key-%06d" % i: (b"value-%d" % i) * (i % 7) for i in range(n)}
+    data[b"\x00"] = b"\xff" * 3
+    fill(store, data, 1000)
+    path = str(tmp_path / "raft.dump")
+    write_snapshot(store, path)
+    assert read_header(path)["engine_index"] == 1000
+    chunks, pairs = read_pairs(path, 1000)
+    assert dict(pairs) == data and len(pairs) == len(data)
+    assert [len(c.keys) for c in chunks] == [CHUNK_PAIRS, CHUNK_PAIRS, len(data) - 2 * CHUNK_PAIRS]
+    assert all(len(c.keys) == len(c.values) for c in chunks)
+    assert chunks[0].applied_index == 1000
+    assert [c.last for c in chunks] == [False, False, True]
+
+
+def test_exact_multiple_of_the_chunk_size(stores, tmp_path):
+    store = stores()
+    data = {b"%05d" % i: b"v" for i in range(CHUNK_PAIRS)}
+    fill(store, data, 5)
+    path = str(tmp_path / "raft.dump")
+    write_snapshot(store, path)
+    chunks, pairs = read_pairs(path, 5)
+    assert dict(pairs) == data
+    assert chunks[-1].last and sum(c.last for c in chunks) == 1
+
+
+def test_empty_engine(stores, tmp_path):
+    store = stores()
+    path = str(tmp_path / "raft.dump")
+    write_snapshot(store, path)
+    assert read_header(path) == {"raft": RAFT_DATA, "registry": {}, "engine_index": 0}
+    chunks, pairs = read_pairs(path, 0)
+    assert pairs == []
+    assert len(chunks) == 1 and chunks[0].last
+
+
+def test_full_round_trip_into_another_engine(stores, tmp_path):
+    source = stores("source.db")
+    data = {b"k%05d" % i: b"%d" % (i * i) for i in range(CHUNK_PAIRS + 10)}
+    data.update(SMALL)
+    fill(source, data, 77)
+    path = str(tmp_path / "raft.dump")
+    write_snapshot(source, path)
+
+    target = stores("target.db")
+    fill(target, {b"stale": b"must disappear", b"alpha": b"old"}, 3)
+    header = read_header(path)
+    resp = EngineApplier(target).stub.Restore(_chunks(path, header["engine_index"]))
+    assert resp.success, resp.error
+    assert resp.applied_index == 77 and target.applied_index == 77
+    assert target.get(b"stale") is None
+    assert {k: target.get(k) for k in data} == data
+    assert len(target) == len(data)
+
+
+def test_snapshot_is_consistent_while_the_engine_keeps_applying(stores, tmp_path):
+    """Writes applied after the engine's stream started are not in the file."""
+    store = stores()
+    data = {b"k%05d" % i: b"old" for i in range(3 * CHUNK_PAIRS)}
+    fill(store, data, 10)
+
+    class ApplyingDuringStream(EngineApplier):
+        def __init__(self, store):
+            super().__init__(store)
+            inner = self.stub.Snapshot
+
+            def snapshot(request, timeout=None):
+                for i, chunk in enumerate(inner(request, timeout)):
+                    yield chunk
+                    if i == 0:
+                        store.apply([(11, [Write("SET", b"k02500", b"new"), Write("DELETE", b"k02900"),
+                                           Write("SET", b"zzz", b"added")])])
+
+            self.stub.Snapshot = snapshot
+
+    path = str(tmp_path / "raft.dump")
+    Snapshots(ApplyingDuringStream(store), wait_timeout=1.0).serialize(path, RAFT_DATA)
+    assert store.applied_index == 11 and store.get(b"zzz") == b"added"
+    assert read_header(path)["engine_index"] == 10
+    _, pairs = read_pairs(path, 10)
+    assert dict(pairs) == data
+
+
+# -- integrity ------------------------------------------------------------------------------------
+
+def test_every_single_byte_flip_is_detected(small_snapshot, tmp_path):
+    path, _ = small_snapshot
+    with open(path, "rb") as f:
+        good = f.read()
+    bad = str(tmp_path / "bad.dump")
+    for pos in range(len(good)):
+        for mask in (0x01, 0x80):
+            corrupt = bytearray(good)
+            corrupt[pos] ^= mask
+            with open(bad, "wb") as f:
+                f.write(corrupt)
+            with pytest.raises(SnapshotError, match="checksum"):
+                read_header(bad)
+
+
+def test_byte_flips_in_a_large_snapshot_are_detected(stores, tmp_path):
+    store = stores()
+    fill(store, {b"key-%06d" % i: b"x" * 100 for i in range(2 * CHUNK_PAIRS)}, 9)
+    path = str(tmp_path / "raft.dump")
+    write_snapshot(store, path)
+    assert read_header(path)["engine_index"] == 9
+    with open(path, "rb") as f:
+        good = f.read()
+    bad = str(tmp_path / "bad.dump")
+    positions = set(range(0, len(good), 4999)) | {0, len(MAGIC), len(good) // 2, len(good) - 5, len(good) - 1}
+    for pos in sorted(positions):
+        corrupt = bytearray(good)
+        corrupt[pos] ^= 0x10
+        with open(bad, "wb") as f:
+            f.write(corrupt)
+        with pytest.raises(SnapshotError, match="checksum"):
+            read_header(bad)
+
+
+def test_every_truncation_is_detected(small_snapshot, tmp_path):
+    path, _ = small_snapshot
+    with open(path, "rb") as f:
+        good = f.read()
+    bad = str(tmp_path / "bad.dump")
+    for size in range(len(good)):
+        with open(bad, "wb") as f:
+            f.write(good[:size])
+        with pytest.raises(SnapshotError) as info:
+            read_header(bad)
+        if size >= len(MAGIC) + 8:
+            assert "checksum" in str(info.value), size
+        else:
+            assert "too short" in str(info.value), size
+
+
+def test_appended_bytes_are_detected(small_snapshot, tmp_path):
+    path, _ = small_snapshot
+    with open(path, "ab") as f:
+        f.write(b"\x00")
+    with pytest.raises(SnapshotError, match="checksum"):
+        read_header(path)
+
+
+def test_wrong_magic_with_a_valid_checksum_is_refused(tmp_path):
+    body = b"NOTASNAP" + struct.pack(">I", 0) + struct.pack(">II", 0xFFFFFFFF, 0)
+    path = str(tmp_path / "other.dump")
+    with open(path, "wb") as f:
+        f.write(body + struct.pack(">I", zlib.crc32(body)))
+    with pytest.raises(SnapshotError, match="not a RaftKV snapshot"):
+        read_header(path)
