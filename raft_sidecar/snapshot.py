@@ -65,7 +65,8 @@ class Snapshots:
             w = _CrcWriter(f)
             first = next(stream)
             header = pickle.dumps({"raft": tuple(raft_data), "registry": registry,
-                                   "engine_index": first.applied_index}, protocol=4)
+                                   "engine_index": first.applied_index, "sessions": first.sessions},
+                                  protocol=4)
             w.write(MAGIC)
             w.write(_U32.pack(len(header)))
             w.write(header)
@@ -96,7 +97,8 @@ class Snapshots:
             log.info("dump at raft index %d: engine already at %d, keeping its data", last_index, current)
         else:
             self._applier.wait(self._applier.submitted, self._wait_timeout)
-            resp = self._applier.stub.Restore(_chunks(path, engine_index), timeout=SNAPSHOT_RPC_TIMEOUT)
+            resp = self._applier.stub.Restore(_chunks(path, engine_index, header.get("sessions", b"")),
+                                              timeout=SNAPSHOT_RPC_TIMEOUT)
             if not resp.success:
                 raise SnapshotError(f"engine refused the snapshot: {resp.error}")
             current = resp.applied_index
@@ -132,7 +134,7 @@ def read_header(path: str) -> dict:
         return pickle.loads(f.read(hlen))
 
 
-def _chunks(path: str, engine_index: int) -> Iterator[pb.SnapshotChunk]:
+def _chunks(path: str, engine_index: int, sessions: bytes = b"") -> Iterator[pb.SnapshotChunk]:
     with open(path, "rb") as f:
         f.seek(len(MAGIC))
         (hlen,) = _U32.unpack(f.read(4))
@@ -147,6 +149,8 @@ def _chunks(path: str, engine_index: int) -> Iterator[pb.SnapshotChunk]:
             keys.append(f.read(klen))
             values.append(f.read(vlen))
             if len(keys) >= CHUNK_PAIRS:
-                yield pb.SnapshotChunk(applied_index=engine_index if first else 0, keys=keys, values=values)
+                yield pb.SnapshotChunk(applied_index=engine_index if first else 0, keys=keys, values=values,
+                                       sessions=sessions if first else b"")
                 first, keys, values = False, [], []
-        yield pb.SnapshotChunk(applied_index=engine_index, keys=keys, values=values, last=True)
+        yield pb.SnapshotChunk(applied_index=engine_index if first else 0, keys=keys, values=values,
+                               sessions=sessions if first else b"", last=True)

@@ -70,6 +70,19 @@ def parse_insert(body: bytes, max_key_bytes: int, max_value_bytes: int) -> Write
     return Write("SET", key, value)
 
 
+@dataclass(frozen=True)
+class Proposal:
+    """One Raft entry's writes with its exactly-once identity (empty client_id: none)."""
+    client_id: str
+    seq: int
+    floor: int
+    writes: tuple[Write, ...]
+
+
+def decode_proposal(cmd: pb.Command) -> Proposal:
+    return Proposal(cmd.client_id, cmd.seq, cmd.floor, tuple(decode_command(cmd)))
+
+
 def encode_batch(writes: Iterable[Write]) -> pb.Command:
     """One Raft entry for several writes, applied in order, atomically."""
     return pb.Command(op="BATCH", batch=[pb.Command(op=w.op, bkey=w.key, bvalue=w.value) for w in writes])

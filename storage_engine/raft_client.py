@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import uuid
 from typing import Awaitable, Callable
 
 import grpc
@@ -24,6 +26,10 @@ _CODE_KIND = {
     pb.OUTCOME_UNKNOWN: ErrorKind.OUTCOME_UNKNOWN,
     pb.INTERNAL: ErrorKind.INTERNAL,
 }
+
+# Definite failures worth retrying with the same seq until the deadline:
+# nothing was appended, and the dedup table makes any retry safe anyway.
+_RETRYABLE = (ErrorKind.NO_LEADER, ErrorKind.NOT_APPLIED, ErrorKind.OUTCOME_UNKNOWN)
 
 # Proposals on the wire at once. More only lengthens the sidecar's queue; while
 # they are busy, new writes pile up and leave together as one entry.
@@ -58,6 +64,10 @@ class RaftClient:
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_PROPOSALS)
         self._sender: asyncio.Task[None] | None = None
         self._inflight = 0
+        # Exactly-once identity of this engine process as a Raft client (note H4).
+        self.client_id = uuid.uuid4().hex
+        self._next_seq = 1
+        self._open_seqs: set[int] = set()
         self.barrier = SharedBarrier(self._read_barrier_rpc)
 
     async def start(self) -> None:
@@ -93,23 +103,47 @@ class RaftClient:
                 asyncio.create_task(self._propose(batch))
 
     async def _propose(self, batch: list[tuple[Write, asyncio.Future[int]]]) -> None:
+        seq = self._next_seq
+        self._next_seq += 1
+        self._open_seqs.add(seq)
         try:
-            try:
-                resp = await self._stub.Propose(encode_batch(w for w, _ in batch),
-                                                timeout=self._cfg.propose_timeout)
-            except grpc.aio.AioRpcError as exc:
-                err: KVError | None = error_from_rpc(exc, "write")
-            else:
-                err = None if resp.success else error_from_response(resp.code, resp.error)
+            result = await self._propose_until_known(encode_batch(w for w, _ in batch), seq)
             for _, fut in batch:
                 if fut.done():
                     continue
-                if err is None:
-                    fut.set_result(resp.index)
+                if isinstance(result, KVError):
+                    fut.set_exception(result)
                 else:
-                    fut.set_exception(err)
+                    fut.set_result(result)
         finally:
+            self._open_seqs.discard(seq)
             self._slots.release()
+
+    async def _propose_until_known(self, cmd: pb.Command, seq: int) -> int | KVError:
+        """Retries one proposal under the same (client_id, seq) until it is known
+        applied or the deadline passes. Once any attempt was ambiguous, a later
+        definite failure does not make the whole write definite."""
+        cmd.client_id, cmd.seq = self.client_id, seq
+        deadline = time.monotonic() + self._cfg.propose_timeout
+        ambiguous: KVError | None = None
+        delay = 0.05
+        while True:
+            cmd.floor = min(self._open_seqs)
+            left = deadline - time.monotonic()
+            try:
+                resp = await self._stub.Propose(cmd, timeout=max(left, 0.05))
+            except grpc.aio.AioRpcError as exc:
+                err = error_from_rpc(exc, "write")
+            else:
+                if resp.success:
+                    return resp.index
+                err = error_from_response(resp.code, resp.error)
+            if err.kind is ErrorKind.OUTCOME_UNKNOWN:
+                ambiguous = err
+            if err.kind not in _RETRYABLE or time.monotonic() + delay >= deadline:
+                return ambiguous or err
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
     # -- reads ------------------------------------------------------------------
     async def _read_barrier_rpc(self, mode: int) -> int:

@@ -14,7 +14,7 @@ import grpc
 from raftkv.pb import consensus_pb2 as pb
 from raftkv.pb import consensus_pb2_grpc as pb_grpc
 
-from .commands import decode_command
+from .commands import decode_proposal
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -29,12 +29,12 @@ class StateMachineService(pb_grpc.StateMachineServicer):
         if request.index == 0:
             return pb.ApplyResponse(success=False, applied_index=self._store.applied_index,
                                     error="Apply needs the raft index (field 7); unindexed applies cannot be fenced")
-        index = self._store.apply([(request.index, decode_command(request))])
+        index = self._store.apply([(request.index, [decode_proposal(request)])])
         return pb.ApplyResponse(success=True, applied_index=index)
 
     async def ApplyEntries(self, request: pb.ApplyEntriesRequest,
                            context: grpc.aio.ServicerContext) -> pb.ApplyResponse:
-        entries = [(e.index, [w for c in e.commands for w in decode_command(c)]) for e in request.entries]
+        entries = [(e.index, [decode_proposal(c) for c in e.commands]) for e in request.entries]
         try:
             index = self._store.apply(entries)
         except Exception as exc:  # a LevelDB failure must reach the sidecar, which fail-stops
@@ -50,11 +50,11 @@ class StateMachineService(pb_grpc.StateMachineServicer):
         if self._store.applied_index < request.min_index:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"engine applied {self._store.applied_index} < requested {request.min_index}")
-        first = True
-        for index, chunk in self._store.iter_snapshot():
-            yield pb.SnapshotChunk(applied_index=index if first else 0,
-                                   keys=[k for k, _ in chunk], values=[v for _, v in chunk])
-            first = False
+        chunks = self._store.iter_snapshot(with_sessions=True)
+        index, sessions = next(chunks)
+        yield pb.SnapshotChunk(applied_index=index, sessions=sessions)
+        for _, chunk in chunks:
+            yield pb.SnapshotChunk(keys=[k for k, _ in chunk], values=[v for _, v in chunk])
         yield pb.SnapshotChunk(last=True)
 
     async def Restore(self, request_iterator: AsyncIterator[pb.SnapshotChunk],
@@ -66,6 +66,7 @@ class StateMachineService(pb_grpc.StateMachineServicer):
                 async for chunk in request_iterator:
                     if index is None:
                         index = chunk.applied_index
+                        restore.set_sessions(chunk.sessions)
                     restore.add(zip(chunk.keys, chunk.values))
                     if chunk.last:
                         break

@@ -16,11 +16,13 @@ from typing import Iterable, Iterator, Sequence
 
 import plyvel
 
-from .commands import Write
+from .commands import Proposal, Write
+from .sessions import EXPIRY_EVERY, Session, SessionTable
 
 log = logging.getLogger(__name__)
 
 DATA_PREFIX = b"d/"
+SESSION_PREFIX = b"s/"
 APPLIED_KEY = b"m/applied_index"
 _INDEX = struct.Struct(">Q")
 
@@ -29,6 +31,7 @@ _INDEX = struct.Struct(">Q")
 class ApplyStats:
     applies: int = 0      # entries applied by this process
     skipped: int = 0      # entries skipped because already stored (replay)
+    duplicates: int = 0   # proposals skipped because their (client, seq) was applied
 
 
 class Store:
@@ -39,6 +42,7 @@ class Store:
         self._recover_interrupted_restore()
         self._db = plyvel.DB(path, create_if_missing=True)
         self._data: dict[bytes, bytes] = {}
+        self.sessions = SessionTable()
         self.applied_index = 0
         self.stats = ApplyStats()
         self._audit = open(audit_path, "a", buffering=1) if audit_path else None
@@ -52,30 +56,58 @@ class Store:
         return len(self._data)
 
     # -- applying ------------------------------------------------------------
-    def apply(self, entries: Sequence[tuple[int, Iterable[Write]]]) -> int:
+    def apply(self, entries: Sequence[tuple[int, Iterable[Write | Proposal]]]) -> int:
         """Applies committed entries in index order; returns the applied index.
 
         One LevelDB write batch for the whole run (the sidecar sends runs of
-        entries), so the per-write cost does not grow with the data size.
+        entries), so the per-write cost does not grow with the data size. A
+        Proposal whose (client, seq) was already applied is skipped (a retry).
         """
-        fresh = [(i, list(ws)) for i, ws in entries if i > self.applied_index]
+        fresh = [(i, list(items)) for i, items in entries if i > self.applied_index]
         self.stats.skipped += len(entries) - len(fresh)
         if not fresh:
             return self.applied_index
+        try:
+            return self._apply_fresh(fresh)
+        except Exception:
+            # Memory may be ahead of disk now; the disk is the truth.
+            self._load()
+            raise
+
+    def _apply_fresh(self, fresh: list[tuple[int, list[Write | Proposal]]]) -> int:
         last = self.applied_index
         pending: dict[bytes, bytes | None] = {}
+        touched: set[str] = set()
+        expired: list[str] = []
         with self._db.write_batch(transaction=True) as wb:
-            for index, writes in fresh:
+            for index, items in fresh:
                 if index <= last:
                     raise ValueError(f"entries out of order: {index} after {last}")
                 last = index
-                for w in writes:
-                    if w.op == "SET":
-                        wb.put(DATA_PREFIX + w.key, w.value)
-                        pending[w.key] = w.value
+                for item in items:
+                    if isinstance(item, Proposal):
+                        if item.client_id:
+                            touched.add(item.client_id)
+                            if not self.sessions.admit(item.client_id, item.seq, item.floor, index):
+                                self.stats.duplicates += 1
+                                continue
+                        writes: Iterable[Write] = item.writes
                     else:
-                        wb.delete(DATA_PREFIX + w.key)
-                        pending[w.key] = None
+                        writes = (item,)
+                    for w in writes:
+                        if w.op == "SET":
+                            wb.put(DATA_PREFIX + w.key, w.value)
+                            pending[w.key] = w.value
+                        else:
+                            wb.delete(DATA_PREFIX + w.key)
+                            pending[w.key] = None
+                if index % EXPIRY_EVERY == 0:
+                    expired += self.sessions.expire(index)
+            for client in touched:
+                if client in self.sessions.sessions:
+                    wb.put(SESSION_PREFIX + client.encode(), self.sessions.sessions[client].encode())
+            for client in expired:
+                wb.delete(SESSION_PREFIX + client.encode())
             wb.put(APPLIED_KEY, _INDEX.pack(last))
         for k, v in pending.items():
             if v is None:
@@ -89,12 +121,25 @@ class Store:
         return last
 
     # -- snapshots -------------------------------------------------------------
-    def iter_snapshot(self, chunk_keys: int = 1000) -> Iterator[tuple[int, list[tuple[bytes, bytes]]]]:
-        """Yields (applied_index, chunk) pairs from one consistent LevelDB snapshot."""
+    def snapshot_sessions(self, snap=None) -> bytes:
+        """The dedup table as of a LevelDB snapshot (or now), for Raft snapshots."""
+        src = snap if snap is not None else self._db
+        table = SessionTable()
+        for k, v in src.iterator(prefix=SESSION_PREFIX):
+            table.sessions[k[len(SESSION_PREFIX):].decode()] = Session.decode(v)
+        return table.dump()
+
+    def iter_snapshot(self, chunk_keys: int = 1000,
+                      with_sessions: bool = False) -> Iterator[tuple[int, list[tuple[bytes, bytes]]]]:
+        """Yields (applied_index, chunk) pairs from one consistent LevelDB snapshot.
+
+        With `with_sessions`, the first item is (applied_index, sessions blob)."""
         snap = self._db.snapshot()
         try:
             raw = snap.get(APPLIED_KEY)
             index = _INDEX.unpack(raw)[0] if raw else 0
+            if with_sessions:
+                yield index, self.snapshot_sessions(snap)
             chunk: list[tuple[bytes, bytes]] = []
             for k, v in snap.iterator(prefix=DATA_PREFIX):
                 chunk.append((k[len(DATA_PREFIX):], v))
@@ -124,6 +169,7 @@ class Store:
         raw = self._db.get(APPLIED_KEY)
         self.applied_index = _INDEX.unpack(raw)[0] if raw else 0
         self._data = {k[len(DATA_PREFIX):]: v for k, v in self._db.iterator(prefix=DATA_PREFIX)}
+        self.sessions = SessionTable.load(self.snapshot_sessions())
         log.info("store %s: %d keys, applied index %d", self.path, len(self._data), self.applied_index)
 
     def _recover_interrupted_restore(self) -> None:
@@ -154,6 +200,12 @@ class Restore:
         with self._db.write_batch() as wb:
             for k, v in pairs:
                 wb.put(DATA_PREFIX + k, v)
+
+    def set_sessions(self, blob: bytes) -> None:
+        table = SessionTable.load(blob)
+        with self._db.write_batch() as wb:
+            for client, sess in table.sessions.items():
+                wb.put(SESSION_PREFIX + client.encode(), sess.encode())
 
     def commit(self, index: int) -> None:
         self._db.put(APPLIED_KEY, _INDEX.pack(index), sync=True)

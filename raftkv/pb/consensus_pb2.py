@@ -24,39 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19raftkv/pb/consensus.proto\x12\tconsensus\"\xaf\x01\n\x07\x43ommand\x12\n\n\x02op\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04\x62key\x18\x05 \x01(\x0c\x12\x0e\n\x06\x62value\x18\x06 \x01(\x0c\x12\r\n\x05index\x18\x07 \x01(\x04\x12\x11\n\tclient_id\x18\x08 \x01(\t\x12\x0b\n\x03seq\x18\t \x01(\x04\x12!\n\x05\x62\x61tch\x18\n \x03(\x0b\x32\x12.consensus.Command\"d\n\x0fProposeResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x04\x12\"\n\x04\x63ode\x18\x04 \x01(\x0e\x32\x14.consensus.ErrorCode\"F\n\rApplyResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x15\n\rapplied_index\x18\x02 \x01(\x04\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"M\n\x08LogEntry\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12$\n\x08\x63ommands\x18\x03 \x03(\x0b\x32\x12.consensus.Command\";\n\x13\x41pplyEntriesRequest\x12$\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x13.consensus.LogEntry\"\x07\n\x05\x45mpty\"7\n\x12ReadBarrierRequest\x12!\n\x04mode\x18\x01 \x01(\x0e\x32\x13.consensus.ReadMode\"h\n\x13ReadBarrierResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x04\x12\"\n\x04\x63ode\x18\x04 \x01(\x0e\x32\x14.consensus.ErrorCode\"$\n\x0fSnapshotRequest\x12\x11\n\tmin_index\x18\x01 \x01(\x04\"R\n\rSnapshotChunk\x12\x15\n\rapplied_index\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x0e\n\x06values\x18\x03 \x03(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08*w\n\tErrorCode\x12\x06\n\x02OK\x10\x00\x12\x0f\n\x0b\x42\x41\x44_REQUEST\x10\x01\x12\r\n\tNO_LEADER\x10\x02\x12\x0e\n\nOVERLOADED\x10\x03\x12\x0f\n\x0bNOT_APPLIED\x10\x04\x12\x13\n\x0fOUTCOME_UNKNOWN\x10\x05\x12\x0c\n\x08INTERNAL\x10\x06*(\n\x08ReadMode\x12\x10\n\x0cLINEARIZABLE\x10\x00\x12\n\n\x06LEADER\x10\x01\x32\x93\x01\n\x08RaftNode\x12\x39\n\x07Propose\x12\x12.consensus.Command\x1a\x1a.consensus.ProposeResponse\x12L\n\x0bReadBarrier\x12\x1d.consensus.ReadBarrierRequest\x1a\x1e.consensus.ReadBarrierResponse2\xd0\x02\n\x0cStateMachine\x12\x35\n\x05\x41pply\x12\x12.consensus.Command\x1a\x18.consensus.ApplyResponse\x12H\n\x0c\x41pplyEntries\x12\x1e.consensus.ApplyEntriesRequest\x1a\x18.consensus.ApplyResponse\x12:\n\x0c\x41ppliedIndex\x12\x10.consensus.Empty\x1a\x18.consensus.ApplyResponse\x12\x42\n\x08Snapshot\x12\x1a.consensus.SnapshotRequest\x1a\x18.consensus.SnapshotChunk0\x01\x12?\n\x07Restore\x12\x18.consensus.SnapshotChunk\x1a\x18.consensus.ApplyResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19raftkv/pb/consensus.proto\x12\tconsensus\"\xbe\x01\n\x07\x43ommand\x12\n\n\x02op\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04\x62key\x18\x05 \x01(\x0c\x12\x0e\n\x06\x62value\x18\x06 \x01(\x0c\x12\r\n\x05index\x18\x07 \x01(\x04\x12\x11\n\tclient_id\x18\x08 \x01(\t\x12\x0b\n\x03seq\x18\t \x01(\x04\x12!\n\x05\x62\x61tch\x18\n \x03(\x0b\x32\x12.consensus.Command\x12\r\n\x05\x66loor\x18\x0b \x01(\x04\"d\n\x0fProposeResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x04\x12\"\n\x04\x63ode\x18\x04 \x01(\x0e\x32\x14.consensus.ErrorCode\"F\n\rApplyResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x15\n\rapplied_index\x18\x02 \x01(\x04\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"M\n\x08LogEntry\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12$\n\x08\x63ommands\x18\x03 \x03(\x0b\x32\x12.consensus.Command\";\n\x13\x41pplyEntriesRequest\x12$\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x13.consensus.LogEntry\"\x07\n\x05\x45mpty\"7\n\x12ReadBarrierRequest\x12!\n\x04mode\x18\x01 \x01(\x0e\x32\x13.consensus.ReadMode\"h\n\x13ReadBarrierResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x04\x12\"\n\x04\x63ode\x18\x04 \x01(\x0e\x32\x14.consensus.ErrorCode\"$\n\x0fSnapshotRequest\x12\x11\n\tmin_index\x18\x01 \x01(\x04\"d\n\rSnapshotChunk\x12\x15\n\rapplied_index\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x0e\n\x06values\x18\x03 \x03(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\x10\n\x08sessions\x18\x05 \x01(\x0c*w\n\tErrorCode\x12\x06\n\x02OK\x10\x00\x12\x0f\n\x0b\x42\x41\x44_REQUEST\x10\x01\x12\r\n\tNO_LEADER\x10\x02\x12\x0e\n\nOVERLOADED\x10\x03\x12\x0f\n\x0bNOT_APPLIED\x10\x04\x12\x13\n\x0fOUTCOME_UNKNOWN\x10\x05\x12\x0c\n\x08INTERNAL\x10\x06*(\n\x08ReadMode\x12\x10\n\x0cLINEARIZABLE\x10\x00\x12\n\n\x06LEADER\x10\x01\x32\x93\x01\n\x08RaftNode\x12\x39\n\x07Propose\x12\x12.consensus.Command\x1a\x1a.consensus.ProposeResponse\x12L\n\x0bReadBarrier\x12\x1d.consensus.ReadBarrierRequest\x1a\x1e.consensus.ReadBarrierResponse2\xd0\x02\n\x0cStateMachine\x12\x35\n\x05\x41pply\x12\x12.consensus.Command\x1a\x18.consensus.ApplyResponse\x12H\n\x0c\x41pplyEntries\x12\x1e.consensus.ApplyEntriesRequest\x1a\x18.consensus.ApplyResponse\x12:\n\x0c\x41ppliedIndex\x12\x10.consensus.Empty\x1a\x18.consensus.ApplyResponse\x12\x42\n\x08Snapshot\x12\x1a.consensus.SnapshotRequest\x1a\x18.consensus.SnapshotChunk0\x01\x12?\n\x07Restore\x12\x18.consensus.SnapshotChunk\x1a\x18.consensus.ApplyResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'raftkv.pb.consensus_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ERRORCODE']._serialized_start=826
-  _globals['_ERRORCODE']._serialized_end=945
-  _globals['_READMODE']._serialized_start=947
-  _globals['_READMODE']._serialized_end=987
+  _globals['_ERRORCODE']._serialized_start=859
+  _globals['_ERRORCODE']._serialized_end=978
+  _globals['_READMODE']._serialized_start=980
+  _globals['_READMODE']._serialized_end=1020
   _globals['_COMMAND']._serialized_start=41
-  _globals['_COMMAND']._serialized_end=216
-  _globals['_PROPOSERESPONSE']._serialized_start=218
-  _globals['_PROPOSERESPONSE']._serialized_end=318
-  _globals['_APPLYRESPONSE']._serialized_start=320
-  _globals['_APPLYRESPONSE']._serialized_end=390
-  _globals['_LOGENTRY']._serialized_start=392
-  _globals['_LOGENTRY']._serialized_end=469
-  _globals['_APPLYENTRIESREQUEST']._serialized_start=471
-  _globals['_APPLYENTRIESREQUEST']._serialized_end=530
-  _globals['_EMPTY']._serialized_start=532
-  _globals['_EMPTY']._serialized_end=539
-  _globals['_READBARRIERREQUEST']._serialized_start=541
-  _globals['_READBARRIERREQUEST']._serialized_end=596
-  _globals['_READBARRIERRESPONSE']._serialized_start=598
-  _globals['_READBARRIERRESPONSE']._serialized_end=702
-  _globals['_SNAPSHOTREQUEST']._serialized_start=704
-  _globals['_SNAPSHOTREQUEST']._serialized_end=740
-  _globals['_SNAPSHOTCHUNK']._serialized_start=742
-  _globals['_SNAPSHOTCHUNK']._serialized_end=824
-  _globals['_RAFTNODE']._serialized_start=990
-  _globals['_RAFTNODE']._serialized_end=1137
-  _globals['_STATEMACHINE']._serialized_start=1140
-  _globals['_STATEMACHINE']._serialized_end=1476
+  _globals['_COMMAND']._serialized_end=231
+  _globals['_PROPOSERESPONSE']._serialized_start=233
+  _globals['_PROPOSERESPONSE']._serialized_end=333
+  _globals['_APPLYRESPONSE']._serialized_start=335
+  _globals['_APPLYRESPONSE']._serialized_end=405
+  _globals['_LOGENTRY']._serialized_start=407
+  _globals['_LOGENTRY']._serialized_end=484
+  _globals['_APPLYENTRIESREQUEST']._serialized_start=486
+  _globals['_APPLYENTRIESREQUEST']._serialized_end=545
+  _globals['_EMPTY']._serialized_start=547
+  _globals['_EMPTY']._serialized_end=554
+  _globals['_READBARRIERREQUEST']._serialized_start=556
+  _globals['_READBARRIERREQUEST']._serialized_end=611
+  _globals['_READBARRIERRESPONSE']._serialized_start=613
+  _globals['_READBARRIERRESPONSE']._serialized_end=717
+  _globals['_SNAPSHOTREQUEST']._serialized_start=719
+  _globals['_SNAPSHOTREQUEST']._serialized_end=755
+  _globals['_SNAPSHOTCHUNK']._serialized_start=757
+  _globals['_SNAPSHOTCHUNK']._serialized_end=857
+  _globals['_RAFTNODE']._serialized_start=1023
+  _globals['_RAFTNODE']._serialized_end=1170
+  _globals['_STATEMACHINE']._serialized_start=1173
+  _globals['_STATEMACHINE']._serialized_end=1509
 # @@protoc_insertion_point(module_scope)

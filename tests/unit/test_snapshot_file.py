@@ -122,7 +122,7 @@ def small_snapshot(stores, tmp_path):
 def test_header_contents(small_snapshot):
     path, applier = small_snapshot
     header = read_header(path)
-    assert header == {"raft": RAFT_DATA, "registry": {}, "engine_index": 17}
+    assert header == {"raft": RAFT_DATA, "registry": {}, "engine_index": 17, "sessions": b"\x80"}
     # serialize waited for the engine to reach the snapshot's raft index first
     assert applier.waits == [(42, 7.0)]
     assert len(applier.stub.snapshot_requests) == 1
@@ -192,7 +192,7 @@ def test_empty_engine(stores, tmp_path):
     store = stores()
     path = str(tmp_path / "raft.dump")
     write_snapshot(store, path)
-    assert read_header(path) == {"raft": RAFT_DATA, "registry": {}, "engine_index": 0}
+    assert read_header(path) == {"raft": RAFT_DATA, "registry": {}, "engine_index": 0, "sessions": b"\x80"}
     chunks, pairs = read_pairs(path, 0)
     assert pairs == []
     assert len(chunks) == 1 and chunks[0].last
@@ -312,3 +312,23 @@ def test_wrong_magic_with_a_valid_checksum_is_refused(tmp_path):
         f.write(body + struct.pack(">I", zlib.crc32(body)))
     with pytest.raises(SnapshotError, match="not a RaftKV snapshot"):
         read_header(path)
+
+
+def test_dedup_table_travels_with_the_snapshot(stores, tmp_path):
+    """A retry of a proposal applied before the snapshot is still skipped on the node that installed it."""
+    from storage_engine.commands import Proposal
+
+    source = stores("source.db")
+    first = Proposal("client-a", 5, 5, (Write("SET", b"counter", b"1"),))
+    source.apply([(40, [first])])
+    path = str(tmp_path / "raft.dump")
+    write_snapshot(source, path)
+
+    target = stores("target.db")
+    header = read_header(path)
+    resp = EngineApplier(target).stub.Restore(_chunks(path, header["engine_index"], header["sessions"]))
+    assert resp.success, resp.error
+    retry = Proposal("client-a", 5, 5, (Write("SET", b"counter", b"2"),))
+    target.apply([(41, [retry])])
+    assert target.get(b"counter") == b"1"
+    assert target.stats.duplicates == 1
