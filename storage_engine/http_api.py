@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 
-from aiohttp import web
+from aiohttp import web, web_protocol
 
 from raftkv.pb import consensus_pb2 as pb
 
@@ -32,6 +32,31 @@ STATUS_FOR = {
 }
 
 CONSISTENCY = {"linearizable": pb.LINEARIZABLE, "leader": pb.LEADER, "local": None}
+
+
+def _install_protocol_errors() -> None:
+    """Requests aiohttp's parser rejects (e.g. `Content-Length: abc`) never reach a
+    handler; give them the same `error: <what>` body as every other 4xx, and log
+    them as a warning, not a traceback."""
+    original = web_protocol.RequestHandler.handle_error
+    if getattr(original, "_raftkv", False):
+        return
+
+    def handle_error(self, request, status=500, exc=None, message=None):  # type: ignore[no-untyped-def]
+        if not 400 <= status < 500:
+            return original(self, request, status, exc, message)
+        reason = getattr(exc, "message", None) or message or "malformed HTTP request"
+        reason = str(reason).splitlines()[0]
+        log.warning("rejected a malformed HTTP request from %s: %s", request.remote, reason)
+        resp = web.Response(status=status, text=f"error: bad HTTP request: {reason}")
+        resp.force_close()
+        return resp
+
+    handle_error._raftkv = True  # type: ignore[attr-defined]
+    web_protocol.RequestHandler.handle_error = handle_error  # type: ignore[method-assign]
+
+
+_install_protocol_errors()
 
 
 def error_response(err: KVError) -> web.Response:
