@@ -134,3 +134,17 @@ def test_commit_and_applied_index_advance_with_writes(module_cluster: Cluster):
     for n in c.nodes:
         wait_until(lambda: n.status()["applied_index"] >= target, 10.0,
                    what=f"{n.node_id} applied_index >= {target}")
+
+
+def test_demo_client_runs_against_every_node(module_cluster: Cluster):
+    """The original's demo flow (test_client.py): one msgpack write, read back at once."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "test_client.py"
+    for n in module_cluster.nodes:
+        out = subprocess.run([sys.executable, str(script), n.http_url], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "Response Body: ok" in out.stdout
+        assert "msgpack_optimization_active" in out.stdout
