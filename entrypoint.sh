@@ -100,6 +100,18 @@ stop_requested=""
 
 alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
 
+# Send SIGTERM to a child at most once: a second SIGTERM can hit a process that is already
+# shutting down (its handler removed) and turn a clean exit into a kill.
+termed=" "
+term_once() {
+    local pid="$1"
+    [ -n "$pid" ] || return 0
+    case "$termed" in *" $pid "*) return 0 ;; esac
+    termed="$termed$pid "
+    alive "$pid" && kill -TERM "$pid" 2>/dev/null
+    return 0
+}
+
 # Forward a stop request to both children. SIGTERM is sent even for SIGINT: children started
 # in the background of a non-interactive shell ignore SIGINT.
 on_signal() {
@@ -107,8 +119,8 @@ on_signal() {
         stop_requested="$1"
         log "received SIG$1, stopping engine and sidecar"
     fi
-    alive "$sidecar_pid" && kill -TERM "$sidecar_pid" 2>/dev/null
-    alive "$engine_pid" && kill -TERM "$engine_pid" 2>/dev/null
+    term_once "$sidecar_pid"
+    term_once "$engine_pid"
 }
 trap 'on_signal TERM' TERM
 trap 'on_signal INT' INT
@@ -122,7 +134,7 @@ stop_child() {
     reaped_status=0
     [ -n "$pid" ] || return 0
     if alive "$pid"; then
-        kill -TERM "$pid" 2>/dev/null
+        term_once "$pid"
         deadline=$((SECONDS + STOP_TIMEOUT))
         while alive "$pid" && ((SECONDS < deadline)); do
             sleep 0.2
@@ -201,18 +213,19 @@ log "starting sidecar: ${sidecar_cmd[*]}"
 "${sidecar_cmd[@]}" &
 sidecar_pid=$!
 # A signal that arrived just before the sidecar existed must reach it too.
-[ -n "$stop_requested" ] && kill -TERM "$sidecar_pid" 2>/dev/null
+[ -n "$stop_requested" ] && term_once "$sidecar_pid"
 
 # Wait for the first child to exit.
 exited_pid=""
 status=0
 if ((BASH_VERSINFO[0] > 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] >= 1))) \
         && [ -z "${ENTRYPOINT_POLL_WAIT:-}" ]; then
-    while [ -z "$exited_pid" ]; do
+    while [ -z "${exited_pid:-}" ]; do
         exited_pid=""
         wait -n -p exited_pid "$engine_pid" "$sidecar_pid" 2>/dev/null
         status=$?
         # An empty exited_pid means a trapped signal interrupted the wait: keep waiting.
+        exited_pid="${exited_pid:-}"
         if [ -z "$exited_pid" ] && ! alive "$engine_pid" && ! alive "$sidecar_pid"; then
             # Both are gone and already reaped (should not happen): take the engine's status.
             exited_pid=$engine_pid

@@ -131,6 +131,39 @@ class RaftKVNode(SyncObj):
         self._applier.submit(index, None)
         return index
 
+    # -- Raft fixes (note H10) -------------------------------------------------------------
+    def _SyncObj__sendNextNodeIdx(self, node, reset=False, nextNodeIdx=None, success=False):  # noqa: N802
+        """PySyncObj's follower reply, plus the term it was sent in, so that a leader
+        can ignore a reply delayed across elections (it could inflate matchIndex)."""
+        if nextNodeIdx is None:
+            nextNodeIdx = self._SyncObj__getCurrentLogIndex() + 1
+        self._SyncObj__transport.send(node, {
+            "type": "next_node_idx", "next_node_idx": nextNodeIdx, "reset": reset,
+            "success": success, "term": self.raftCurrentTerm,
+        })
+
+    def _SyncObj__onMessageReceived(self, node, message):  # noqa: N802
+        """Two guards around PySyncObj's handler for a follower's reply:
+
+        - a reply from another term is dropped;
+        - a successful ack never moves the leader's nextIndex backwards. PySyncObj
+          resets it to the acked position, so with entries sent at once
+          (appendEntriesUseBatch=False) every ack made the leader resend entries the
+          follower had, and the follower then truncated and re-appended its log
+          suffix (even applied entries) on each resend.
+        """
+        if not isinstance(message, dict) or message.get("type") != "next_node_idx":
+            return SyncObj._SyncObj__onMessageReceived(self, node, message)
+        if message.get("term", self.raftCurrentTerm) != self.raftCurrentTerm:
+            return None
+        next_index = self._SyncObj__raftNextIndex
+        before = next_index.get(node)
+        SyncObj._SyncObj__onMessageReceived(self, node, message)
+        if message.get("success") and not message.get("reset") and before is not None \
+                and next_index.get(node, before) < before:
+            next_index[node] = before
+        return None
+
     # -- membership ---------------------------------------------------------------------
     def _SyncObj__doChangeCluster(self, request, reverse=False):  # noqa: N802 (PySyncObj hook)
         """Wraps PySyncObj's private change hook: it runs when a change is appended,
