@@ -21,7 +21,12 @@ log = logging.getLogger("storage_engine")
 
 
 async def serve(cfg: EngineConfig) -> int:
-    store = Store(cfg.db_path, cfg.apply_audit)
+    try:
+        store = Store(cfg.db_path, cfg.apply_audit)
+    except Exception as exc:  # plyvel.Error, OSError: name the file, no traceback
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+        log.error("cannot open the LevelDB store at %s: %s", cfg.db_path, reason)
+        return 1
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])
     pb_grpc.add_StateMachineServicer_to_server(StateMachineService(store), server)
