@@ -29,7 +29,7 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 __all__ = [
     "Op",
@@ -51,6 +51,9 @@ _KIND_CODE = {"set": _SET, "delete": _DELETE, "get": _GET}
 # How many search steps run between deadline checks (a power of two minus 1,
 # used as a mask); time.monotonic() on every step would dominate the search.
 _DEADLINE_MASK = 0x3FF
+
+# How a search decision was made; only _CHOICE has alternatives to explore.
+_CHOICE, _FORCED_READ, _EXPIRED, _ABSORBED = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -119,8 +122,27 @@ class CheckResult:
     per_key_ops: dict[str, int] = field(default_factory=dict)
 
 
+class _Unread:
+    """Register state standing for any value that no read returned.
+
+    Not a str, so it compares equal to nothing a read could return.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<unread>"
+
+
+_UNREAD: Any = _Unread()
+
+
 def _fmt_value(value: str | None) -> str:
-    return "<absent>" if value is None else repr(value)
+    if value is None:
+        return "<absent>"
+    if value is _UNREAD:
+        return "<a value no read returned>"
+    return repr(value)
 
 
 # --------------------------------------------------------------------------
@@ -131,10 +153,10 @@ def _fmt_value(value: str | None) -> str:
 def _prepare(ops: Iterable[Op]) -> list[Op]:
     """Keep only the ops that constrain the search.
 
-    An indeterminate write whose value no read ever returned can always be
-    linearized "never": in any legal order containing it, no read sits between
-    it and the next write (that read would return its value), so removing it
-    keeps the order legal. Dropping such writes up front matters because each
+    An indeterminate write whose value no read returned after the write's
+    call can always be linearized "never": in any legal order containing it,
+    no read sits between it and the next write (that read would return its
+    value), so removing it keeps the order legal. Dropping such writes up front matters because each
     one stays concurrent with the rest of the history and would multiply the
     search space.
     """
@@ -143,14 +165,17 @@ def _prepare(ops: Iterable[Op]) -> list[Op]:
         for op in ops
         if op.status != "fail" and not (op.kind == "get" and op.indeterminate)
     ]
-    read_values = {op.value for op in kept if op.kind == "get"}
+    last_read: dict[str | None, float] = {}
+    for op in kept:
+        if op.kind == "get" and op.ret > last_read.get(op.value, -math.inf):  # type: ignore[operator]
+            last_read[op.value] = op.ret  # type: ignore[assignment]
     return [
         op
         for op in kept
         if not (
             op.indeterminate
             and op.kind != "get"
-            and (op.value if op.kind == "set" else None) not in read_values
+            and last_read.get(op.value, -math.inf) < op.call
         )
     ]
 
@@ -201,6 +226,18 @@ def _quick_violation(key: str, ops: list[Op], failed: list[Op]) -> str | None:
 # --------------------------------------------------------------------------
 
 
+def _memo_key(linearized: int, state: str | None) -> tuple[int, int, str | None]:
+    """Compact, lossless cache key for a search configuration.
+
+    Ops are indexed in call order and every op whose return has passed is
+    linearized, so the bitset is a long run of ones plus a short sparse tail.
+    Storing (run length, tail) instead of the whole bitset keeps the cache
+    small: a full bitset per entry would cost n/8 bytes each.
+    """
+    low = (~linearized & (linearized + 1)).bit_length()  # bits below are 1s, bit low-1 is 0
+    return (low, linearized >> low, state)
+
+
 @dataclass
 class _Outcome:
     ok: bool | None
@@ -212,21 +249,62 @@ def _search(key: str, ops: list[Op], deadline: float | None) -> _Outcome:
 
     Iterative on purpose: histories have thousands of ops per key and the
     search depth equals the number of linearized ops.
+
+    Two reductions keep indeterminate writes from blowing up the search
+    (each one would otherwise stay concurrent with the rest of the history,
+    doubling the configurations to explore):
+
+    * Expiry. Placing an indeterminate write w of value v after every read of
+      v is pointless: no read sits between w and the next write, so dropping
+      w from the order keeps it legal. So w gets an *expiry* entry at the
+      latest return of a read of v; if the scan reaches it with w still
+      unlinearized, w is decided "never took effect" (no branching).
+    * Symmetry. Indeterminate writes with the same effect (e.g. all
+      indeterminate deletes) share one expiry and are interchangeable, so
+      only the earliest-called one still pending may be linearized next. The
+      search then tracks how many of them took effect, not which.
     """
     n = len(ops)
     if n == 0:
         return _Outcome(True)
+    ops = sorted(ops, key=lambda o: o.call)  # index order == call order
 
     kind = [_KIND_CODE[op.kind] for op in ops]
-    value = [op.value for op in ops]
     definite = [not op.indeterminate for op in ops]
+    # Values no read returns are all equivalent as register states (every
+    # read fails until the next write), so they share one state for the
+    # cache; this merges orders of unobserved concurrent writes.
+    read_values = {op.value for op in ops if op.kind == "get"}
+    value: list[str | None] = [
+        _UNREAD if op.kind == "set" and op.value not in read_values else op.value
+        for op in ops
+    ]
+    has_unread = any(v is _UNREAD for v in value)  # only definite sets
 
-    # Entries sorted by time; at equal times calls come first so that ops
-    # touching at an instant count as concurrent (the permissive reading).
-    events = []
+    last_read: dict[str | None, float] = {}
+    for op in ops:
+        if op.kind == "get":  # _prepare kept only definite reads
+            t = last_read.get(op.value)
+            if t is None or op.ret > t:  # type: ignore[operator]
+                last_read[op.value] = op.ret  # type: ignore[assignment]
+
+    # Entries sorted by (time, rank, op): at equal times calls (rank 0) come
+    # first so ops touching at an instant count as concurrent (the permissive
+    # reading); expiries (rank 2) come after returns, so every read of the
+    # value has been linearized when its writer expires.
+    events: list[tuple[float, int, int]] = []
+    prev_same = [-1] * n  # previous interchangeable indeterminate write
+    last_of_class: dict[tuple[int, str | None], int] = {}
     for i, op in enumerate(ops):
         events.append((op.call, 0, i))
-        events.append((math.inf if op.indeterminate else op.ret, 1, i))
+        if definite[i]:
+            events.append((op.ret, 1, i))  # type: ignore[arg-type]
+        else:
+            # _prepare guarantees some read of the value returns after call.
+            events.append((last_read.get(value[i], math.inf), 2, i))
+            cls = (kind[i], value[i])
+            prev_same[i] = last_of_class.get(cls, -1)
+            last_of_class[cls] = i
     events.sort()
 
     m = 2 * n
@@ -234,27 +312,29 @@ def _search(key: str, ops: list[Op], deadline: float | None) -> _Outcome:
     nxt = list(range(1, m + 2)) + [-1]
     prv = [-1] + list(range(0, m + 1))
     op_of = [-1] * (m + 2)
-    is_call = [False] * (m + 2)
+    rank = [1] * (m + 2)
     match = [-1] * (m + 2)
     call_pos = [0] * n
-    for pos, (_t, k, i) in enumerate(events, start=1):
+    for pos, (_t, r, i) in enumerate(events, start=1):
         op_of[pos] = i
-        if k == 0:
-            is_call[pos] = True
+        rank[pos] = r
+        if r == 0:
             call_pos[i] = pos
         else:
             match[call_pos[i]] = pos
 
     state: str | None = None
-    linearized = 0  # bitset of op indices
-    stack: list[tuple[int, str | None]] = []  # (call entry, state before it)
-    cache: set[tuple[int, str | None]] = set()
+    linearized = 0  # bitset of decided op indices (took effect, or expired)
+    # (call entry, state before, how decided) for every decision, newest last
+    stack: list[tuple[int, str | None, int]] = []
+    cache: set[tuple[int, int, str | None]] = set()
     remaining = sum(definite)  # definite ops still to linearize
     entry = nxt[head]
+    fresh = True  # entry is at the head of a configuration not yet scanned
     steps = 0
 
     best_depth = -1
-    best_seq: list[int] = []
+    best_stack: list[tuple[int, str | None, int]] = []
     best_state: str | None = None
     best_block = -1
     best_pending: list[int] = []
@@ -271,83 +351,181 @@ def _search(key: str, ops: list[Op], deadline: float | None) -> _Outcome:
                 f"key {key!r}: timed out after {steps} search steps "
                 f"({n} ops, deepest prefix {max(best_depth, 0)})",
             )
-        if is_call[entry]:
+        dead = False
+        if fresh:
+            # Reads first: a read legal now can always go first (it does not
+            # change the state, and nothing pending must precede it), so it
+            # is a forced move and its alternatives need no exploring.
+            fresh = False
+            e = entry
+            while rank[e] != 1:  # the window: calls before the first return
+                i = op_of[e]
+                if rank[e] == 0 and kind[i] == _GET and value[i] == state:
+                    break
+                e = nxt[e]
+            if rank[e] == 0:
+                new_lin = linearized | (1 << i)
+                ckey = _memo_key(new_lin, state)
+                if ckey in cache:
+                    dead = True
+                else:
+                    cache.add(ckey)
+                    stack.append((e, state, _FORCED_READ))
+                    linearized = new_lin
+                    remaining -= 1  # reads kept by _prepare are definite
+                    p, q = prv[e], nxt[e]
+                    nxt[p] = q
+                    prv[q] = p
+                    x = match[e]
+                    p, q = prv[x], nxt[x]
+                    nxt[p] = q
+                    prv[q] = p
+                    entry = nxt[head]
+                    fresh = True
+                    continue
+        r = rank[entry]
+        if dead:
+            pass
+        elif r == 0:
             i = op_of[entry]
             k = kind[i]
             if k == _GET:
                 legal = value[i] == state
                 new_state = state
             else:
-                legal = True
+                j = prev_same[i]
+                legal = j < 0 or (linearized >> j) & 1 == 1
                 new_state = value[i] if k == _SET else None
             if legal:
                 new_lin = linearized | (1 << i)
-                ckey = (new_lin, new_state)
+                absorbed: list[int] = []
+                if k != _GET and has_unread:
+                    # Writes nobody reads are only ever followed by a write
+                    # (or nothing), so each can as well take effect just
+                    # before this one; doing so for all pending ones at once
+                    # is a forced move that merges their orderings.
+                    e = nxt[head]
+                    while rank[e] != 1:
+                        if rank[e] == 0 and e != entry:
+                            j = op_of[e]
+                            if value[j] is _UNREAD:
+                                absorbed.append(e)
+                                new_lin |= 1 << j
+                        e = nxt[e]
+                ckey = _memo_key(new_lin, new_state)
                 if ckey not in cache:
                     cache.add(ckey)
-                    stack.append((entry, state))
+                    stack.append((entry, state, _CHOICE))
+                    # lift: unlink the call and its return (undone in
+                    # reverse order, so the choice goes first)
+                    p, q = prv[entry], nxt[entry]
+                    nxt[p] = q
+                    prv[q] = p
+                    x = match[entry]
+                    p, q = prv[x], nxt[x]
+                    nxt[p] = q
+                    prv[q] = p
+                    for e in absorbed:
+                        stack.append((e, state, _ABSORBED))
+                        p, q = prv[e], nxt[e]
+                        nxt[p] = q
+                        prv[q] = p
+                        x = match[e]
+                        p, q = prv[x], nxt[x]
+                        nxt[p] = q
+                        prv[q] = p
+                    remaining -= len(absorbed)
                     state = new_state
                     linearized = new_lin
                     if definite[i]:
                         remaining -= 1
-                    # lift: unlink the call and its return
-                    p, q = prv[entry], nxt[entry]
-                    nxt[p] = q
-                    prv[q] = p
-                    r = match[entry]
-                    p, q = prv[r], nxt[r]
-                    nxt[p] = q
-                    prv[q] = p
                     entry = nxt[head]
+                    fresh = True
                     continue
             entry = nxt[entry]
-        else:
-            # The return of an op not yet linearized: it had to take effect by
-            # now and could not, so undo the latest choice.
-            depth = len(stack)
-            if depth > best_depth:
-                best_depth = depth
-                best_seq = [op_of[e] for e, _ in stack]
-                best_state = state
-                best_block = op_of[entry]
-                best_pending = []
-                e = nxt[head]
-                while e != entry:
-                    if is_call[e]:
-                        best_pending.append(op_of[e])
-                    e = nxt[e]
+            continue
+        elif r == 2:
+            # Expiry of an indeterminate write: it never took effect. Every
+            # call before this entry was already refuted in this
+            # configuration, so resume the scan right after it.
+            i = op_of[entry]
+            new_lin = linearized | (1 << i)
+            ckey = _memo_key(new_lin, state)
+            if ckey not in cache:
+                cache.add(ckey)
+                c = nxt[entry]
+                ce = call_pos[i]
+                stack.append((ce, state, _EXPIRED))
+                linearized = new_lin
+                p, q = prv[ce], nxt[ce]
+                nxt[p] = q
+                prv[q] = p
+                p = prv[entry]
+                nxt[p] = c
+                prv[c] = p
+                entry = c
+                continue
+        # The return of an op not yet linearized, or a forced move already
+        # explored: this configuration is a dead end, undo choices.
+        depth = len(stack)
+        if depth > best_depth:
+            best_depth = depth
+            best_stack = list(stack)
+            best_state = state
+            e = nxt[head]
+            while rank[e] == 0:
+                e = nxt[e]
+            best_block = op_of[e]
+            best_pending = []
+            e = nxt[head]
+            while rank[e] == 0:
+                best_pending.append(op_of[e])
+                e = nxt[e]
+        while True:
             if not stack:
-                break
-            entry, state = stack.pop()
+                return _Outcome(
+                    False,
+                    _explain(key, ops, best_stack, op_of, best_state, best_block, best_pending),
+                )
+            entry, state, how = stack.pop()
             i = op_of[entry]
             linearized ^= 1 << i
             if definite[i]:
                 remaining += 1
             # unlift: relink return then call (reverse order of lift)
-            r = match[entry]
-            nxt[prv[r]] = r
-            prv[nxt[r]] = r
+            x = match[entry]
+            nxt[prv[x]] = x
+            prv[nxt[x]] = x
             nxt[prv[entry]] = entry
             prv[nxt[entry]] = entry
-            entry = nxt[entry]
+            if how == _CHOICE:
+                entry = nxt[entry]
+                break
+            # A forced move (read or expiry) failed: its configuration is
+            # exhausted too.
 
-    if not remaining:
-        return _Outcome(True)
-    return _Outcome(
-        False,
-        _explain(key, ops, best_seq, best_state, best_block, best_pending),
-    )
+    return _Outcome(True)
 
 
 def _explain(
     key: str,
     ops: list[Op],
-    seq: list[int],
+    stack: list[tuple[int, str | None, int]],
+    op_of: list[int],
     state: str | None,
     block: int,
     pending: list[int],
 ) -> str:
     """Describe the deepest dead end the search reached."""
+    seq: list[int] = []
+    choice_at = 0
+    for e, _, how in stack:
+        if how == _ABSORBED:  # took effect just before the preceding choice
+            seq.insert(choice_at, op_of[e])
+            choice_at += 1
+        elif how != _EXPIRED:
+            choice_at = len(seq)
+            seq.append(op_of[e])
     lines = [
         f"key {key!r} is not linearizable ({len(ops)} ops checked).",
         f"Longest linearizable prefix found: {len(seq)} of {len(ops)} ops; "
