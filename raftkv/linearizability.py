@@ -12,6 +12,8 @@ is legal in the current state, and backtracks when it meets the return of an
 op that was never linearized. Visited (linearized-set, state) pairs are cached
 so no configuration is explored twice. Keys are independent registers, so each
 key is checked on its own (P-compositionality), which keeps every search small.
+On top of that the search takes a few provably safe shortcuts (see _search),
+e.g. a read that matches the current state is linearized without branching.
 
 Indeterminate writes (status "info", or no return time) are handled as in
 Jepsen/Knossos: their return is at +infinity, so they may take effect at any
@@ -156,9 +158,9 @@ def _prepare(ops: Iterable[Op]) -> list[Op]:
     An indeterminate write whose value no read returned after the write's
     call can always be linearized "never": in any legal order containing it,
     no read sits between it and the next write (that read would return its
-    value), so removing it keeps the order legal. Dropping such writes up front matters because each
-    one stays concurrent with the rest of the history and would multiply the
-    search space.
+    value), so removing it keeps the order legal. Dropping such writes up
+    front matters because each one stays concurrent with the rest of the
+    history and would multiply the search space.
     """
     kept = [
         op
@@ -180,16 +182,18 @@ def _prepare(ops: Iterable[Op]) -> list[Op]:
     ]
 
 
-def _quick_violation(key: str, ops: list[Op], failed: list[Op]) -> str | None:
+def _quick_violation(key: str, ops: list[Op], all_ops: list[Op]) -> str | None:
     """Explain reads that no order can justify, without searching.
 
     These are the commonest bugs (reading garbage, reading a failed write,
     reading a value before anyone tried to write it) and they deserve a
-    clearer message than a generic search dead end.
+    clearer message than a generic search dead end. ``ops`` are the
+    prepared ops, ``all_ops`` the key's ops before dropping anything.
     """
+    failed = [op for op in all_ops if op.status == "fail"]
     first_write_call: dict[str, float] = {}
-    for op in ops:
-        if op.kind == "set":
+    for op in all_ops:
+        if op.kind == "set" and op.status != "fail":
             prev = first_write_call.get(op.value)  # type: ignore[arg-type]
             if prev is None or op.call < prev:
                 first_write_call[op.value] = op.call  # type: ignore[index]
@@ -226,16 +230,19 @@ def _quick_violation(key: str, ops: list[Op], failed: list[Op]) -> str | None:
 # --------------------------------------------------------------------------
 
 
-def _memo_key(linearized: int, state: str | None) -> tuple[int, int, str | None]:
+def _memo_key(
+    lin_def: int, lin_opt: int, state: Any
+) -> tuple[int, int, int, Any]:
     """Compact, lossless cache key for a search configuration.
 
-    Ops are indexed in call order and every op whose return has passed is
-    linearized, so the bitset is a long run of ones plus a short sparse tail.
-    Storing (run length, tail) instead of the whole bitset keeps the cache
-    small: a full bitset per entry would cost n/8 bytes each.
+    Every definite op whose return has passed is decided, and ops are
+    indexed in call order, so the definite bitset is a long run of ones
+    plus a short sparse tail: store (run length, tail) instead of n/8 bytes
+    per entry. Indeterminate writes stay undecided for long stretches, which
+    is why they live in their own (small) bitset instead of cutting the run.
     """
-    low = (~linearized & (linearized + 1)).bit_length()  # bits below are 1s, bit low-1 is 0
-    return (low, linearized >> low, state)
+    low = (~lin_def & (lin_def + 1)).bit_length()  # bits below low-1 are all 1
+    return (low, lin_def >> low, lin_opt, state)
 
 
 @dataclass
@@ -248,21 +255,26 @@ def _search(key: str, ops: list[Op], deadline: float | None) -> _Outcome:
     """Wing & Gong search with Lowe's memoization over one key's register.
 
     Iterative on purpose: histories have thousands of ops per key and the
-    search depth equals the number of linearized ops.
+    search depth equals the number of linearized ops. Plain WGL explodes on
+    indeterminate writes (each stays concurrent with the rest of the
+    history) and on many concurrent clients, so it is pruned by moves that
+    provably lose no linearization:
 
-    Two reductions keep indeterminate writes from blowing up the search
-    (each one would otherwise stay concurrent with the rest of the history,
-    doubling the configurations to explore):
-
-    * Expiry. Placing an indeterminate write w of value v after every read of
-      v is pointless: no read sits between w and the next write, so dropping
-      w from the order keeps it legal. So w gets an *expiry* entry at the
-      latest return of a read of v; if the scan reaches it with w still
-      unlinearized, w is decided "never took effect" (no branching).
-    * Symmetry. Indeterminate writes with the same effect (e.g. all
-      indeterminate deletes) share one expiry and are interchangeable, so
-      only the earliest-called one still pending may be linearized next. The
-      search then tracks how many of them took effect, not which.
+    * Reads first. A read whose value matches the state and that nothing
+      pending must precede can go next in some valid order if any exists
+      (it changes no state), so it is taken without branching.
+    * Unread writes are absorbed. A write whose value no read returns can
+      only be followed by another write (or nothing), so it can take effect
+      just before whichever write is chosen next; all pending ones do so
+      at once, and they share a single "unread" register state.
+    * Indeterminate writes only right before a read of their value: one
+      followed by anything else might as well never have happened.
+    * Expiry. Placing an indeterminate write w of value v after every read
+      of v is pointless for the same reason, so w expires ("never took
+      effect") at the latest return of a read of v.
+    * Symmetry. Indeterminate writes with the same value are interchangeable
+      and share one expiry, so only the earliest-called pending one may be
+      tried: the search counts how many took effect, not which.
     """
     n = len(ops)
     if n == 0:
@@ -271,17 +283,26 @@ def _search(key: str, ops: list[Op], deadline: float | None) -> _Outcome:
 
     kind = [_KIND_CODE[op.kind] for op in ops]
     definite = [not op.indeterminate for op in ops]
-    # Values no read returns are all equivalent as register states (every
-    # read fails until the next write), so they share one state for the
-    # cache; this merges orders of unobserved concurrent writes.
     read_values = {op.value for op in ops if op.kind == "get"}
-    value: list[str | None] = [
+    value: list[Any] = [
         _UNREAD if op.kind == "set" and op.value not in read_values else op.value
         for op in ops
     ]
-    has_unread = any(v is _UNREAD for v in value)  # only definite sets
+    has_unread = any(v is _UNREAD for v in value)  # only definite sets do
 
-    last_read: dict[str | None, float] = {}
+    # Decided ops are tracked in two bitsets, definite and indeterminate,
+    # each indexed in call order; see _memo_key for why.
+    bit = [0] * n
+    n_def = n_opt = 0
+    for i in range(n):
+        if definite[i]:
+            bit[i] = 1 << n_def
+            n_def += 1
+        else:
+            bit[i] = 1 << n_opt
+            n_opt += 1
+
+    last_read: dict[Any, float] = {}
     for op in ops:
         if op.kind == "get":  # _prepare kept only definite reads
             t = last_read.get(op.value)
@@ -290,30 +311,31 @@ def _search(key: str, ops: list[Op], deadline: float | None) -> _Outcome:
 
     # Entries sorted by (time, rank, op): at equal times calls (rank 0) come
     # first so ops touching at an instant count as concurrent (the permissive
-    # reading); expiries (rank 2) come after returns, so every read of the
-    # value has been linearized when its writer expires.
+    # reading); expiries (rank 2) come after returns (rank 1), so every read
+    # of the value has been linearized when its writer expires.
     events: list[tuple[float, int, int]] = []
     prev_same = [-1] * n  # previous interchangeable indeterminate write
-    last_of_class: dict[tuple[int, str | None], int] = {}
+    last_of_class: dict[tuple[int, Any], int] = {}
     for i, op in enumerate(ops):
         events.append((op.call, 0, i))
         if definite[i]:
             events.append((op.ret, 1, i))  # type: ignore[arg-type]
         else:
-            # _prepare guarantees some read of the value returns after call.
-            events.append((last_read.get(value[i], math.inf), 2, i))
+            # _prepare guarantees a read of the value returns after the call.
+            events.append((last_read[value[i]], 2, i))
             cls = (kind[i], value[i])
             prev_same[i] = last_of_class.get(cls, -1)
             last_of_class[cls] = i
     events.sort()
 
+    # Doubly linked entry list with sentinels head=0 and tail=2n+1.
     m = 2 * n
-    head, tail = 0, m + 1
+    head = 0
     nxt = list(range(1, m + 2)) + [-1]
     prv = [-1] + list(range(0, m + 1))
     op_of = [-1] * (m + 2)
-    rank = [1] * (m + 2)
-    match = [-1] * (m + 2)
+    rank = [1] * (m + 2)  # sentinels rank as returns: scans stop there
+    match = [-1] * (m + 2)  # call entry -> its return/expiry entry
     call_pos = [0] * n
     for pos, (_t, r, i) in enumerate(events, start=1):
         op_of[pos] = i
@@ -323,19 +345,30 @@ def _search(key: str, ops: list[Op], deadline: float | None) -> _Outcome:
         else:
             match[call_pos[i]] = pos
 
-    state: str | None = None
-    linearized = 0  # bitset of decided op indices (took effect, or expired)
+    def lift(e: int) -> None:
+        """Unlink a call entry and its return (undone by unlift, LIFO)."""
+        p, q = prv[e], nxt[e]
+        nxt[p] = q
+        prv[q] = p
+        x = match[e]
+        p, q = prv[x], nxt[x]
+        nxt[p] = q
+        prv[q] = p
+
+    state: Any = None
+    lin_def = 0  # decided definite ops
+    lin_opt = 0  # decided indeterminate writes (took effect, or expired)
     # (call entry, state before, how decided) for every decision, newest last
-    stack: list[tuple[int, str | None, int]] = []
-    cache: set[tuple[int, int, str | None]] = set()
-    remaining = sum(definite)  # definite ops still to linearize
+    stack: list[tuple[int, Any, int]] = []
+    cache: set[tuple[int, int, int, Any]] = set()
+    remaining = n_def  # definite ops still to linearize
     entry = nxt[head]
     fresh = True  # entry is at the head of a configuration not yet scanned
     steps = 0
 
     best_depth = -1
-    best_stack: list[tuple[int, str | None, int]] = []
-    best_state: str | None = None
+    best_stack: list[tuple[int, Any, int]] = []
+    best_state: Any = None
     best_block = -1
     best_pending: list[int] = []
 
@@ -351,136 +384,112 @@ def _search(key: str, ops: list[Op], deadline: float | None) -> _Outcome:
                 f"key {key!r}: timed out after {steps} search steps "
                 f"({n} ops, deepest prefix {max(best_depth, 0)})",
             )
-        dead = False
+        r = rank[entry]
         if fresh:
-            # Reads first: a read legal now can always go first (it does not
-            # change the state, and nothing pending must precede it), so it
-            # is a forced move and its alternatives need no exploring.
             fresh = False
             e = entry
             while rank[e] != 1:  # the window: calls before the first return
-                i = op_of[e]
-                if rank[e] == 0 and kind[i] == _GET and value[i] == state:
-                    break
+                if rank[e] == 0:
+                    i = op_of[e]
+                    if kind[i] == _GET and value[i] == state:
+                        break
                 e = nxt[e]
-            if rank[e] == 0:
-                new_lin = linearized | (1 << i)
-                ckey = _memo_key(new_lin, state)
+            if rank[e] == 0:  # a legal read: forced move
+                new_def = lin_def | bit[i]
+                ckey = _memo_key(new_def, lin_opt, state)
                 if ckey in cache:
-                    dead = True
+                    r = -1  # explored already: dead end
                 else:
                     cache.add(ckey)
                     stack.append((e, state, _FORCED_READ))
-                    linearized = new_lin
+                    lin_def = new_def
                     remaining -= 1  # reads kept by _prepare are definite
-                    p, q = prv[e], nxt[e]
-                    nxt[p] = q
-                    prv[q] = p
-                    x = match[e]
-                    p, q = prv[x], nxt[x]
-                    nxt[p] = q
-                    prv[q] = p
+                    lift(e)
                     entry = nxt[head]
                     fresh = True
                     continue
-        r = rank[entry]
-        if dead:
-            pass
-        elif r == 0:
+        if r == 0:
             i = op_of[entry]
             k = kind[i]
+            new_def, new_opt = lin_def, lin_opt
+            absorbed: list[int] = []
             if k == _GET:
-                legal = value[i] == state
+                # Legal reads were taken by the forced move above.
+                legal = False
                 new_state = state
-            else:
-                j = prev_same[i]
-                legal = j < 0 or (linearized >> j) & 1 == 1
+            elif definite[i]:
+                legal = True
                 new_state = value[i] if k == _SET else None
-            if legal:
-                new_lin = linearized | (1 << i)
-                absorbed: list[int] = []
-                if k != _GET and has_unread:
-                    # Writes nobody reads are only ever followed by a write
-                    # (or nothing), so each can as well take effect just
-                    # before this one; doing so for all pending ones at once
-                    # is a forced move that merges their orderings.
+                new_def |= bit[i]
+                if has_unread:
                     e = nxt[head]
                     while rank[e] != 1:
                         if rank[e] == 0 and e != entry:
                             j = op_of[e]
                             if value[j] is _UNREAD:
                                 absorbed.append(e)
-                                new_lin |= 1 << j
+                                new_def |= bit[j]
                         e = nxt[e]
-                ckey = _memo_key(new_lin, new_state)
+            else:
+                new_state = value[i] if k == _SET else None
+                new_opt |= bit[i]
+                legal = False
+                j = prev_same[i]
+                if j < 0 or lin_opt & bit[j]:
+                    e = nxt[head]
+                    while rank[e] != 1:
+                        if rank[e] == 0:
+                            j = op_of[e]
+                            if kind[j] == _GET and value[j] == new_state:
+                                legal = True
+                                break
+                        e = nxt[e]
+            if legal:
+                ckey = _memo_key(new_def, new_opt, new_state)
                 if ckey not in cache:
                     cache.add(ckey)
                     stack.append((entry, state, _CHOICE))
-                    # lift: unlink the call and its return (undone in
-                    # reverse order, so the choice goes first)
-                    p, q = prv[entry], nxt[entry]
-                    nxt[p] = q
-                    prv[q] = p
-                    x = match[entry]
-                    p, q = prv[x], nxt[x]
-                    nxt[p] = q
-                    prv[q] = p
+                    lift(entry)
                     for e in absorbed:
                         stack.append((e, state, _ABSORBED))
-                        p, q = prv[e], nxt[e]
-                        nxt[p] = q
-                        prv[q] = p
-                        x = match[e]
-                        p, q = prv[x], nxt[x]
-                        nxt[p] = q
-                        prv[q] = p
-                    remaining -= len(absorbed)
+                        lift(e)
+                    remaining -= len(absorbed) + definite[i]
                     state = new_state
-                    linearized = new_lin
-                    if definite[i]:
-                        remaining -= 1
+                    lin_def, lin_opt = new_def, new_opt
                     entry = nxt[head]
                     fresh = True
                     continue
             entry = nxt[entry]
             continue
-        elif r == 2:
+        if r == 2:
             # Expiry of an indeterminate write: it never took effect. Every
             # call before this entry was already refuted in this
-            # configuration, so resume the scan right after it.
+            # configuration, so the scan resumes right after it.
             i = op_of[entry]
-            new_lin = linearized | (1 << i)
-            ckey = _memo_key(new_lin, state)
+            new_opt = lin_opt | bit[i]
+            ckey = _memo_key(lin_def, new_opt, state)
             if ckey not in cache:
                 cache.add(ckey)
                 c = nxt[entry]
-                ce = call_pos[i]
-                stack.append((ce, state, _EXPIRED))
-                linearized = new_lin
-                p, q = prv[ce], nxt[ce]
-                nxt[p] = q
-                prv[q] = p
-                p = prv[entry]
-                nxt[p] = c
-                prv[c] = p
+                stack.append((call_pos[i], state, _EXPIRED))
+                lift(call_pos[i])
+                lin_opt = new_opt
                 entry = c
                 continue
         # The return of an op not yet linearized, or a forced move already
-        # explored: this configuration is a dead end, undo choices.
+        # explored: this configuration is a dead end, so undo decisions.
         depth = len(stack)
         if depth > best_depth:
             best_depth = depth
             best_stack = list(stack)
             best_state = state
-            e = nxt[head]
-            while rank[e] == 0:
-                e = nxt[e]
-            best_block = op_of[e]
             best_pending = []
             e = nxt[head]
-            while rank[e] == 0:
-                best_pending.append(op_of[e])
+            while rank[e] != 1:
+                if rank[e] == 0:
+                    best_pending.append(op_of[e])
                 e = nxt[e]
+            best_block = op_of[e]  # the first return still pending
         while True:
             if not stack:
                 return _Outcome(
@@ -489,10 +498,12 @@ def _search(key: str, ops: list[Op], deadline: float | None) -> _Outcome:
                 )
             entry, state, how = stack.pop()
             i = op_of[entry]
-            linearized ^= 1 << i
             if definite[i]:
+                lin_def ^= bit[i]
                 remaining += 1
-            # unlift: relink return then call (reverse order of lift)
+            else:
+                lin_opt ^= bit[i]
+            # unlift: relink the return, then the call
             x = match[entry]
             nxt[prv[x]] = x
             prv[nxt[x]] = x
@@ -501,8 +512,7 @@ def _search(key: str, ops: list[Op], deadline: float | None) -> _Outcome:
             if how == _CHOICE:
                 entry = nxt[entry]
                 break
-            # A forced move (read or expiry) failed: its configuration is
-            # exhausted too.
+            # A forced move failed, so its configuration is exhausted too.
 
     return _Outcome(True)
 
@@ -510,9 +520,9 @@ def _search(key: str, ops: list[Op], deadline: float | None) -> _Outcome:
 def _explain(
     key: str,
     ops: list[Op],
-    stack: list[tuple[int, str | None, int]],
+    stack: list[tuple[int, Any, int]],
     op_of: list[int],
-    state: str | None,
+    state: Any,
     block: int,
     pending: list[int],
 ) -> str:
@@ -526,6 +536,10 @@ def _explain(
         elif how != _EXPIRED:
             choice_at = len(seq)
             seq.append(op_of[e])
+    if state is _UNREAD:  # the search merged unread values; name the real one
+        last_set = next((ops[i] for i in reversed(seq) if ops[i].kind == "set"), None)
+        if last_set is not None:
+            state = last_set.value
     lines = [
         f"key {key!r} is not linearizable ({len(ops)} ops checked).",
         f"Longest linearizable prefix found: {len(seq)} of {len(ops)} ops; "
@@ -582,8 +596,7 @@ def check_key(key: str, ops: list[Op], deadline: float | None = None) -> CheckRe
     counts = {key: len(prepared)}
     if deadline is not None and time.monotonic() >= deadline:
         return CheckResult(None, None, f"key {key!r}: not checked (timed out)", counts)
-    failed = [op for op in ops if op.status == "fail"]
-    quick = _quick_violation(key, prepared, failed)
+    quick = _quick_violation(key, prepared, ops)
     if quick is not None:
         return CheckResult(False, key, quick, counts)
     out = _search(key, prepared, deadline)

@@ -7,6 +7,8 @@ that always answers the same way fails the suite.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
 import random
 import threading
 import time
@@ -254,6 +256,36 @@ def test_read_before_value_was_ever_written():
     assert "before any write" in res.explanation
 
 
+def test_indeterminate_delete_explains_late_absent_read_once():
+    base = [
+        s(1, "1", 0, 1),
+        d(2, 2, None, status="info"),
+        g(3, "1", 3, 4),
+        g(3, None, 10, 11),  # the indeterminate delete landed after all
+    ]
+    assert_ok(base)
+    # ...but it can only land once: "1" cannot come back without a write.
+    assert_bad(base + [g(3, "1", 12, 13)])
+
+
+def test_indeterminate_deletes_each_used_at_most_once():
+    ops = [
+        s(1, "1", 0, 1),
+        d(2, 2, None, status="info"),
+        d(3, 2.5, None, status="info"),
+        g(4, None, 3, 4),
+        s(4, "2", 5, 6),
+        g(4, None, 7, 8),  # needs the second indeterminate delete
+    ]
+    assert_ok(ops)
+    assert_bad([o for o in ops if o.process != 3])
+    # An unread write inside the last read's interval is fine: the second
+    # indeterminate delete can land after it.
+    assert_ok(ops + [s(5, "3", 7.5, 7.6)])
+    # Not if it must land after the read, though.
+    assert_bad(ops + [s(5, "3", 7.5, 7.6), g(4, None, 9, 10), s(6, "4", 9.5, 9.6), g(4, None, 11, 12)])
+
+
 # ---------------------------------------------------------------- per key
 
 
@@ -391,6 +423,58 @@ def test_random_history_with_unwritten_read_rejected():
     assert_bad(ops, key="k0")
 
 
+def _brute_force(ops: list[Op]) -> bool:
+    """Reference: try every order of every subset of indeterminate writes."""
+    ops = [o for o in ops if o.status != "fail" and not (o.kind == "get" and o.indeterminate)]
+    ret = [math.inf if o.indeterminate else o.ret for o in ops]
+    must = [i for i, o in enumerate(ops) if not o.indeterminate]
+    maybe = [i for i, o in enumerate(ops) if o.indeterminate]
+    for r in range(len(maybe) + 1):
+        for extra in itertools.combinations(maybe, r):
+            for order in itertools.permutations(must + list(extra)):
+                if any(
+                    ret[order[b]] < ops[order[a]].call
+                    for a in range(len(order))
+                    for b in range(a + 1, len(order))
+                ):
+                    continue
+                state: dict[str, str | None] = {}
+                for i in order:
+                    o = ops[i]
+                    if o.kind == "get":
+                        if state.get(o.key) != o.value:
+                            break
+                    else:
+                        state[o.key] = o.value
+                else:
+                    return True
+    return False
+
+
+def test_agrees_with_brute_force_on_small_random_histories():
+    rng = random.Random(2024)
+    verdicts = {True: 0, False: 0}
+    for _ in range(400):
+        ops = []
+        weight_ok = rng.choice([1, 3, 6])
+        for p in range(rng.randint(1, 6)):
+            call = rng.randint(0, 8)
+            kind = rng.choice(["set", "get", "get", "delete"])
+            status = rng.choices(["ok", "info", "fail"], [weight_ok, 3, 1])[0]
+            if kind == "set":
+                value = rng.choice(["1", "2", "3"])  # "3" is never read
+            elif kind == "get":
+                value = rng.choice(["1", "2", None])
+            else:
+                value = None
+            ret = None if status == "info" and rng.random() < 0.5 else call + rng.randint(0, 4)
+            ops.append(op(p, kind, rng.choice(["x", "x", "y"]), value, call, ret, status))
+        expected = _brute_force(ops)
+        assert check(ops).ok is expected, ops
+        verdicts[expected] += 1
+    assert min(verdicts.values()) > 100  # both verdicts well exercised
+
+
 def test_threaded_clients_on_real_register():
     hist = History()
     register: dict[str, str | None] = {}
@@ -518,6 +602,24 @@ def test_performance_5000_ops_5_processes():
     assert res.ok is True, res.explanation
     assert sum(res.per_key_ops.values()) >= 5000
     assert elapsed < 10.0, f"took {elapsed:.2f}s"
+
+
+def test_performance_hot_key_10_processes_late_violation():
+    # One hot key, 10 clients, indeterminate ops, and a stale read at the very
+    # end: the search must exhaust the history to reject it.
+    ops = simulate(44, 3000, ["hot"], processes=10, p_info=0.05)
+    t0 = time.monotonic()
+    res = check(ops, timeout=60)
+    accept_time = time.monotonic() - t0
+    assert res.ok is True, res.explanation
+    end = max(o.ret or o.call for o in ops) + 1.0
+    old = [o for o in ops if o.kind == "set" and o.status == "ok"][-1]
+    ops += [s(900, "fresh", end, end + 1, key="hot"), g(901, old.value, end + 2, end + 3, key="hot")]
+    t0 = time.monotonic()
+    res = check(ops, timeout=60)
+    reject_time = time.monotonic() - t0
+    assert res.ok is False, res.explanation
+    assert accept_time < 10.0 and reject_time < 30.0, (accept_time, reject_time)
 
 
 def test_performance_20000_ops_10_keys():
