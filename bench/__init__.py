@@ -1,0 +1,1 @@
+"""Benchmarks of RaftKV against etcd and against raw ceilings, all in one run (see bench/README.md)."""
