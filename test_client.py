@@ -22,6 +22,8 @@ def send(key: str, value: str) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+    except urllib.error.URLError as e:
+        return 0, f"cannot reach {BASE_URL}: {e.reason} (is the cluster up? `raftkv cluster up`)"
 
 
 def get(key: str) -> tuple[int, str]:
@@ -31,6 +33,8 @@ def get(key: str) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+    except urllib.error.URLError as e:
+        return 0, f"cannot reach {BASE_URL}: {e.reason}"
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from raftkv import __version__
 
 
 class _StopRequested(KeyboardInterrupt):
-    """SIGTERM/SIGHUP arrived: handled exactly like Ctrl-C (a second one while stopping
-    skips the grace period)."""
+    """SIGTERM/SIGHUP arrived: handled exactly like Ctrl-C. Signals that arrive while the
+    nodes are being stopped are ignored; the stop itself is bounded by --stop-timeout."""
 
 
 def _raise_stop(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -64,6 +64,9 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         status = 0
     finally:
         if cluster is not None:
+            # Further signals must not abandon the nodes half-stopped: stop() is bounded.
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(s, signal.SIG_IGN)
             _print("Stopping the cluster ...")
             codes = cluster.stop(timeout=args.stop_timeout)
             unclean = {k: v for k, v in codes.items() if v not in (0,)}
