@@ -10,9 +10,11 @@ import json
 import logging
 import os
 import threading
+from time import monotonic as monotonic_time
 from typing import TYPE_CHECKING, Callable
 
 from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj.syncobj import _RAFT_STATE
 
 from .applier import Applier
 from .config import SidecarConfig
@@ -94,6 +96,8 @@ class RaftKVNode(SyncObj):
         self.registry: dict[str, dict[str, str]] = {}
         self._registry_lock = threading.Lock()
         self._saved_members: list[str] | None = None
+        self._stickiness = cfg.raft_min_timeout
+        self._last_leader_contact = 0.0
         super().__init__(cfg.advertise, [p for p in peers if p != cfg.advertise],
                          make_conf(cfg, snapshots.serialize, snapshots.deserialize))
         self._persist_members()
@@ -143,8 +147,15 @@ class RaftKVNode(SyncObj):
         })
 
     def _SyncObj__onMessageReceived(self, node, message):  # noqa: N802
-        """Two guards around PySyncObj's handler for a follower's reply:
+        """Guards around PySyncObj's message handler.
 
+        Leader stickiness (Raft dissertation §4.2.3): a follower that heard from its
+        leader within the minimum election timeout ignores vote requests. Without it a
+        follower cut off from the leader alone (one broken link) keeps winning votes from
+        the followers that still hear the leader, and deposes it again and again. The
+        leader itself still answers votes, so a leadership transfer still completes.
+
+        For a follower's reply (next_node_idx):
         - a reply from another term is dropped;
         - a successful ack never moves the leader's nextIndex backwards. PySyncObj
           resets it to the acked position, so with entries sent at once
@@ -152,7 +163,14 @@ class RaftKVNode(SyncObj):
           follower had, and the follower then truncated and re-appended its log
           suffix (even applied entries) on each resend.
         """
-        if not isinstance(message, dict) or message.get("type") != "next_node_idx":
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind == "append_entries" and message.get("term", -1) >= self.raftCurrentTerm:
+            self._last_leader_contact = monotonic_time()
+        elif kind == "request_vote" and self._SyncObj__raftState == _RAFT_STATE.FOLLOWER \
+                and self._SyncObj__raftLeader is not None \
+                and monotonic_time() - self._last_leader_contact < self._stickiness:
+            return None
+        if kind != "next_node_idx":
             return SyncObj._SyncObj__onMessageReceived(self, node, message)
         if message.get("term", self.raftCurrentTerm) != self.raftCurrentTerm:
             return None

@@ -115,3 +115,15 @@ def test_concurrent_joins_are_serialized(cluster: Cluster):
     for node in (n4, n5):
         wait_until(lambda node=node: get(node.http_url, "five", consistency="local").text == "members", 20,
                    what="write reaches the joined nodes")
+
+
+def test_leave_of_the_leader_hands_leadership_over(cluster: Cluster):
+    old = cluster.leader()
+    r = http_post(f"{cluster.followers()[0].mgmt_url}/leave", params={"peerID": old.node_id}, timeout=40)
+    assert r.status_code == 200, r.text
+    rest = [n for n in cluster.nodes if n is not old]
+    cluster.wait_members(2, timeout=30, nodes=rest)
+    new = cluster.leader(nodes=rest)
+    assert new is not old
+    assert put(new.http_url, "after-leave", "v").text == "ok"
+    old.stop()
