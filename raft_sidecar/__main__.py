@@ -14,12 +14,13 @@ from aiohttp import web
 from raftkv.pb import consensus_pb2_grpc as pb_grpc
 
 from . import joiner
+from .durable import DurableError, check_data_dir
 from .applier import Applier
 from .config import SidecarConfig, parse_args, setup_logging
 from .management import Management
 from .node import MembersFile, RaftKVNode
 from .rpc import RaftOutcome, call_replicated
-from .snapshot import Snapshots
+from .snapshot import Snapshots, read_header
 
 log = logging.getLogger("raft_sidecar")
 
@@ -59,6 +60,12 @@ async def register_self(cfg: SidecarConfig, node: RaftKVNode) -> None:
 
 async def serve(cfg: SidecarConfig) -> int:
     os.makedirs(cfg.data_dir, exist_ok=True)
+    try:
+        # Refuse an inconsistent data dir (compacted journal without its dump, torn
+        # dump, corrupt meta) instead of starting empty and rejoining as if new.
+        check_data_dir(cfg.journal_file, cfg.dump_file, dump_header_check=read_header)
+    except DurableError as exc:
+        raise SystemExit(f"refusing to start: {exc}")
     loop = asyncio.get_running_loop()
     applier = Applier(cfg.app_addr, cfg.apply_fail_timeout)
     engine_index = await loop.run_in_executor(None, applier.connect, time.monotonic() + ENGINE_WAIT)
@@ -67,7 +74,10 @@ async def serve(cfg: SidecarConfig) -> int:
     members_file = MembersFile(cfg.members_file)
     peers, joining = await initial_peers(cfg, members_file)
     snapshots = Snapshots(applier, wait_timeout=30.0)
-    node = RaftKVNode(cfg, peers, applier, members_file, snapshots, persist_members=not joining)
+    try:
+        node = RaftKVNode(cfg, peers, applier, members_file, snapshots, persist_members=not joining)
+    except DurableError as exc:
+        raise SystemExit(f"refusing to start: {exc}")
     log.info("raft node %s at %s, peers %s", cfg.node_id, cfg.advertise, [p for p in peers if p != cfg.advertise])
 
     grpc_server = grpc.aio.server()

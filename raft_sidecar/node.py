@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.syncobj import _RAFT_STATE
 
+from . import durable
 from .applier import Applier
 from .config import SidecarConfig
 
@@ -98,8 +99,12 @@ class RaftKVNode(SyncObj):
         self._saved_members: list[str] | None = None
         self._stickiness = cfg.raft_min_timeout
         self._last_leader_contact = 0.0
+        # fsync'd journal and meta, atomic compaction, a sync before any Raft message
+        # that depends on the journal (note H1, H7); must run before SyncObj opens it.
+        durable.install()
         super().__init__(cfg.advertise, [p for p in peers if p != cfg.advertise],
-                         make_conf(cfg, snapshots.serialize, snapshots.deserialize))
+                         make_conf(cfg, snapshots.serialize, snapshots.deserialize),
+                         transportClass=durable.DurableTCPTransport)
         self._persist_members()
         # A loaded snapshot replaces the peer set without the change hook below.
         self.addOnTickCallback(self._persist_members)
