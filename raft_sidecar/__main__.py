@@ -73,7 +73,7 @@ async def serve(cfg: SidecarConfig) -> int:
     applier.start()
     members_file = MembersFile(cfg.members_file)
     peers, joining = await initial_peers(cfg, members_file)
-    snapshots = Snapshots(applier, wait_timeout=30.0)
+    snapshots = Snapshots(applier, wait_timeout=30.0, dump_path=cfg.dump_file)
     try:
         node = RaftKVNode(cfg, peers, applier, members_file, snapshots, persist_members=not joining)
     except DurableError as exc:

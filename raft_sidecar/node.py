@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def make_conf(cfg: SidecarConfig, serializer: Callable, deserializer: Callable) -> SyncObjConf:
+def make_conf(cfg: SidecarConfig, serializer: Callable, deserializer: Callable,
+              checker: Callable[[], int]) -> SyncObjConf:
     return SyncObjConf(
         # Both files, always: a journal without a dump loses the state machine at
         # the first restart after compaction (note H2).
@@ -34,6 +35,7 @@ def make_conf(cfg: SidecarConfig, serializer: Callable, deserializer: Callable) 
         fullDumpFile=cfg.dump_file,
         serializer=serializer,
         deserializer=deserializer,
+        serializeChecker=checker,
         dynamicMembershipChange=True,
         bindAddress=f"{cfg.bind_host}:{cfg.raft_port}",
         # Definite MISSING_LEADER instead of a command queued for minutes (note §3).
@@ -103,7 +105,7 @@ class RaftKVNode(SyncObj):
         # that depends on the journal (note H1, H7); must run before SyncObj opens it.
         durable.install()
         super().__init__(cfg.advertise, [p for p in peers if p != cfg.advertise],
-                         make_conf(cfg, snapshots.serialize, snapshots.deserialize),
+                         make_conf(cfg, snapshots.serialize, snapshots.deserialize, snapshots.check),
                          transportClass=durable.DurableTCPTransport)
         self._persist_members()
         # A loaded snapshot replaces the peer set without the change hook below.
@@ -195,6 +197,9 @@ class RaftKVNode(SyncObj):
         if changed:
             self._persist_members()
         return changed
+
+    def postpone_election(self) -> None:
+        self._SyncObj__raftElectionDeadline = monotonic_time() + self._stickiness
 
     def members(self) -> list[str]:
         return sorted([self.selfNode.address] + [n.address for n in self.otherNodes])

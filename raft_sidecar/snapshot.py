@@ -5,6 +5,18 @@ PySyncObj calls `serialize` on its tick thread when it compacts the log, and
 node that was too far behind or new. The file holds the Raft metadata, the member
 registry and a consistent copy of the engine's data, streamed so that the whole
 data set is never held in memory, and ends with a CRC32 of everything before it.
+
+Writing the file runs in a background thread: 1,000,000 keys take ~3.5 s, and a
+leader whose tick thread stalls that long is deposed. PySyncObj renames its tmp
+file over the dump right after `serialize` returns (note §6 trap), so `serialize`
+only starts the job and raises; `check` (PySyncObj's serializeChecker, on the tick
+thread) moves the finished file into place. Because the rename happens on the
+tick thread, it can never race a snapshot installed from the leader, which cancels
+a job still in flight.
+
+The engine may have applied entries beyond the snapshot's raft index by the time
+its LevelDB snapshot is taken; that is safe: the header records the engine's own
+index, and replayed entries at or below it are skipped.
 """
 from __future__ import annotations
 
@@ -12,8 +24,13 @@ import logging
 import os
 import pickle
 import struct
+import threading
+import time
 import zlib
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Iterator
+
+from pysyncobj.config import SERIALIZER_STATE
 
 from raftkv.pb import consensus_pb2 as pb
 
@@ -36,6 +53,20 @@ class SnapshotError(Exception):
     pass
 
 
+class SnapshotStarted(Exception):
+    """Raised by `serialize` so that PySyncObj does not rename a tmp file we never wrote."""
+
+
+@dataclass
+class _Job:
+    raft_data: tuple
+    path: str
+    cancelled: bool = False
+    error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    thread: threading.Thread | None = None
+
+
 class _CrcWriter:
     def __init__(self, f: BinaryIO) -> None:
         self.f, self.crc = f, 0
@@ -46,17 +77,51 @@ class _CrcWriter:
 
 
 class Snapshots:
-    def __init__(self, applier: Applier, wait_timeout: float) -> None:
+    def __init__(self, applier: Applier, wait_timeout: float, dump_path: str) -> None:
         self._applier = applier
         self._wait_timeout = wait_timeout
+        self._dump_path = dump_path
+        self._job: _Job | None = None
         self.node: RaftKVNode | None = None
-        self.last_restore_keys = 0
 
-    # -- compaction --------------------------------------------------------------
-    def serialize(self, path: str, raft_data: tuple) -> None:
+    # -- compaction (tick thread) ---------------------------------------------------
+    def serialize(self, tmp_path: str, raft_data: tuple) -> None:
+        if self._job is not None:
+            raise SnapshotError("a snapshot is already being written")
+        job = _Job(tuple(raft_data), self._dump_path + ".bg")
+        job.thread = threading.Thread(target=self._run, args=(job,), name="snapshot", daemon=True)
+        self._job = job
+        job.thread.start()
+        raise SnapshotStarted("snapshot is written in the background")
+
+    def check(self) -> int:
+        job = self._job
+        if job is None:
+            return SERIALIZER_STATE.NOT_SERIALIZING
+        if job.thread is not None and job.thread.is_alive():
+            return SERIALIZER_STATE.SERIALIZING
+        self._job = None
+        if job.cancelled or job.error:
+            log.warning("snapshot at raft index %d discarded: %s", job.raft_data[0][1],
+                        job.error or "a snapshot from the leader replaced it")
+            _remove(job.path)
+            return SERIALIZER_STATE.FAILED
+        _replace_durably(job.path, self._dump_path)
+        log.info("snapshot at raft index %d in place after %.2fs", job.raft_data[0][1],
+                 time.monotonic() - job.started)
+        return SERIALIZER_STATE.SUCCESS
+
+    def _run(self, job: _Job) -> None:
+        try:
+            self.write(job.path, job.raft_data)
+        except Exception as exc:  # reported by check(); PySyncObj retries later
+            job.error = repr(exc)
+
+    def write(self, path: str, raft_data: tuple) -> None:
+        """Writes a complete, fsync'd snapshot file for raft_data at `path`."""
         last_index = raft_data[0][1]
-        # The engine lags PySyncObj by the applier queue; no new entries are applied
-        # while this runs (tick thread), so it will reach last_index and stop there.
+        # The engine lags PySyncObj by the applier queue: wait until it holds at
+        # least everything up to the snapshot's index (it may hold more; see above).
         if not self._applier.wait(last_index, self._wait_timeout):
             raise SnapshotError(f"engine did not reach index {last_index} in time")
         stream = self._applier.stub.Snapshot(pb.SnapshotRequest(), timeout=SNAPSHOT_RPC_TIMEOUT)
@@ -85,6 +150,8 @@ class Snapshots:
 
     # -- loading -----------------------------------------------------------------
     def deserialize(self, path: str) -> tuple:
+        if self._job is not None:
+            self._job.cancelled = True  # never move our older file over this one
         header = read_header(path)  # verifies the checksum first: never restore a torn file
         raft_data = tuple(header["raft"])
         last_index = raft_data[0][1]
@@ -105,7 +172,28 @@ class Snapshots:
             log.info("installed snapshot at raft index %d into the engine (engine index %d)",
                      last_index, current)
         self._applier.reset_to(last_index, current)
+        if self.node is not None:
+            # A restore can take seconds on this tick thread; the heartbeats that
+            # queued meanwhile are read after the election check, so without this
+            # the node would start an election as soon as it returns (note §9).
+            self.node.postpone_election()
         return raft_data
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _replace_durably(src: str, dst: str) -> None:
+    os.replace(src, dst)
+    fd = os.open(os.path.dirname(os.path.abspath(dst)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _chain(first: pb.SnapshotChunk, rest: Iterator[pb.SnapshotChunk]) -> Iterator[pb.SnapshotChunk]:

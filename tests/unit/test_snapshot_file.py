@@ -49,6 +49,9 @@ class InProcessStub:
             loop.run_until_complete(agen.aclose())
             loop.close()
 
+    def AppliedIndex(self, request, timeout=None):
+        return asyncio.run(self._service.AppliedIndex(request, None))
+
     def Restore(self, chunks, timeout=None):
         async def stream():
             for chunk in chunks:
@@ -63,10 +66,15 @@ class EngineApplier:
         self.stub = InProcessStub(StateMachineService(store))
         self.reached = reached
         self.waits: list[tuple[int, float]] = []
+        self.submitted = 0
+        self.resets: list[tuple[int, int]] = []
 
     def wait(self, index: int, timeout: float) -> bool:
         self.waits.append((index, timeout))
         return self.reached
+
+    def reset_to(self, index: int, engine_applied: int) -> None:
+        self.resets.append((index, engine_applied))
 
 
 @pytest.fixture
@@ -89,7 +97,7 @@ def fill(store: Store, pairs: dict[bytes, bytes], index: int) -> None:
 
 def write_snapshot(store: Store, path: str, raft_data: tuple = RAFT_DATA) -> EngineApplier:
     applier = EngineApplier(store)
-    Snapshots(applier, wait_timeout=7.0).serialize(path, raft_data)
+    Snapshots(applier, wait_timeout=7.0, dump_path=path).write(path, raft_data)
     return applier
 
 
@@ -144,7 +152,7 @@ def test_serialize_refuses_when_the_engine_lags(stores, tmp_path):
     applier = EngineApplier(store, reached=False)
     path = str(tmp_path / "raft.dump")
     with pytest.raises(SnapshotError, match="42"):
-        Snapshots(applier, wait_timeout=0.1).serialize(path, RAFT_DATA)
+        Snapshots(applier, wait_timeout=0.1, dump_path=path).write(path, RAFT_DATA)
     assert not os.path.exists(path)
     assert applier.stub.snapshot_requests == []
 
@@ -238,7 +246,7 @@ def test_snapshot_is_consistent_while_the_engine_keeps_applying(stores, tmp_path
             self.stub.Snapshot = snapshot
 
     path = str(tmp_path / "raft.dump")
-    Snapshots(ApplyingDuringStream(store), wait_timeout=1.0).serialize(path, RAFT_DATA)
+    Snapshots(ApplyingDuringStream(store), wait_timeout=1.0, dump_path=path).write(path, RAFT_DATA)
     assert store.applied_index == 11 and store.get(b"zzz") == b"added"
     assert read_header(path)["engine_index"] == 10
     _, pairs = read_pairs(path, 10)
@@ -332,3 +340,59 @@ def test_dedup_table_travels_with_the_snapshot(stores, tmp_path):
     target.apply([(41, [retry])])
     assert target.get(b"counter") == b"1"
     assert target.stats.duplicates == 1
+
+
+def test_background_serialization_moves_the_file_in_place_only_when_complete(stores, tmp_path):
+    """serialize() must not leave PySyncObj a tmp file to rename; check() puts the dump in place."""
+    import time as _time
+
+    from pysyncobj.config import SERIALIZER_STATE
+
+    from raft_sidecar.snapshot import SnapshotStarted
+
+    store = stores()
+    fill(store, SMALL, 5)
+    dump = str(tmp_path / "raft.dump")
+    snaps = Snapshots(EngineApplier(store), wait_timeout=7.0, dump_path=dump)
+    assert snaps.check() == SERIALIZER_STATE.NOT_SERIALIZING
+    with pytest.raises(SnapshotStarted):
+        snaps.serialize(dump + ".tmp", RAFT_DATA)
+    assert not (tmp_path / "raft.dump.tmp").exists()
+    states = []
+    deadline = _time.monotonic() + 10
+    while _time.monotonic() < deadline:
+        states.append(snaps.check())
+        if states[-1] != SERIALIZER_STATE.SERIALIZING:
+            break
+        _time.sleep(0.01)
+    assert states[-1] == SERIALIZER_STATE.SUCCESS
+    assert read_header(dump)["engine_index"] == 5
+    assert snaps.check() == SERIALIZER_STATE.NOT_SERIALIZING
+
+
+def test_a_snapshot_installed_meanwhile_cancels_the_background_one(stores, tmp_path):
+    import time as _time
+
+    from pysyncobj.config import SERIALIZER_STATE
+
+    from raft_sidecar.snapshot import SnapshotStarted
+
+    source = stores("source.db")
+    fill(source, {b"from": b"leader"}, 50)
+    dump = str(tmp_path / "raft.dump")
+    Snapshots(EngineApplier(source), wait_timeout=7.0, dump_path=dump).write(dump, RAFT_DATA)
+    leader_bytes = open(dump, "rb").read()
+
+    local = stores("local.db")
+    fill(local, {b"own": b"older"}, 60)
+    snaps = Snapshots(EngineApplier(local), wait_timeout=7.0, dump_path=dump)
+    with pytest.raises(SnapshotStarted):
+        snaps.serialize(dump + ".tmp", RAFT_DATA)
+    snaps.deserialize(dump)  # the leader's snapshot arrives while ours is being written
+    deadline = _time.monotonic() + 10
+    state = SERIALIZER_STATE.SERIALIZING
+    while state == SERIALIZER_STATE.SERIALIZING and _time.monotonic() < deadline:
+        state = snaps.check()
+        _time.sleep(0.01)
+    assert state == SERIALIZER_STATE.FAILED
+    assert open(dump, "rb").read() == leader_bytes
