@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from raftkv.procs import engine_command, sidecar_command, signal_group
+from raftkv.procs import free_ports as _free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -73,20 +75,7 @@ _handed_out: set[int] = set()
 
 def free_ports(n: int) -> list[int]:
     """Distinct ports the kernel handed out for port 0 on 127.0.0.1 (never twice per run)."""
-    socks, ports = [], []
-    try:
-        while len(ports) < n:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-            port = s.getsockname()[1]
-            if port not in _handed_out:
-                _handed_out.add(port)
-                ports.append(port)
-    finally:
-        for s in socks:
-            s.close()
-    return ports
+    return _free_ports(n, HOST, handed_out=_handed_out)
 
 
 # -- processes --------------------------------------------------------------------------------
@@ -189,26 +178,17 @@ class Proc:
         """SIGTERM the group, SIGKILL it after `timeout`; then SIGKILL any straggler in the group."""
         if self.alive():
             self.final_rss = self.memory()
-            try:
-                os.killpg(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            signal_group(self.pid, signal.SIGTERM)
             try:
                 self.popen.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                signal_group(self.pid, signal.SIGKILL)
                 self.popen.wait(timeout=10)
         self.exit_code = self.popen.returncode
         # Children that outlived the group leader still hold the group id (so it cannot
         # have been reused): kill them too.
         if group_pids(self.pid):
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            signal_group(self.pid, signal.SIGKILL)
         if self in _live:
             _live.remove(self)
         return self.exit_code
@@ -263,18 +243,11 @@ class RaftKVNode:
         return f"http://{HOST}:{self.mgmt}"
 
     def engine_cmd(self) -> list[str]:
-        return [sys.executable, "-m", "storage_engine", str(self.http), str(self.app), str(self.side),
-                str(self.dir / "kv.db"), "--http-host", HOST]
+        return engine_command(sys.executable, self.http, self.app, self.side, self.dir / "kv.db", HOST)
 
     def sidecar_cmd(self, bootstrap: bool, join: str | None) -> list[str]:
-        cmd = [sys.executable, "-m", "raft_sidecar", "-id", self.node_id, "-raft", str(self.raft),
-               "-srv", str(self.side), "-app", f"{HOST}:{self.app}", "-mgmt", str(self.mgmt),
-               "-data", str(self.dir / "raft"), "-advertise", HOST, "--bind-host", HOST]
-        if bootstrap:
-            cmd.append("-bootstrap")
-        if join:
-            cmd += ["-join", join]
-        return cmd
+        return sidecar_command(sys.executable, self.node_id, self.raft, self.side, f"{HOST}:{self.app}",
+                               self.mgmt, self.dir / "raft", HOST, HOST, bootstrap=bootstrap, join=join)
 
     def status(self) -> dict:
         return http_json("GET", f"{self.mgmt_url}/status")

@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
+
+from . import procs
+from .procs import signal_group
 
 DEFAULT_DIR = ".raftkv-cluster"
 DEFAULT_NODES = 3
@@ -155,18 +157,6 @@ def find_entrypoint(explicit: str | os.PathLike | None = None) -> Path:
                         + "); run from a checkout of raftkv or set RAFTKV_ENTRYPOINT")
 
 
-def port_is_free(host: str, port: int) -> bool:
-    """True when a server could listen on host:port now (like the servers: SO_REUSEADDR)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def http_status(url: str, timeout: float = 2.0) -> tuple[int, str]:
     """(status, body) of a GET; (0, error) when nothing answered. Never uses a proxy."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -199,13 +189,6 @@ def _group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class RunningNode:
@@ -249,10 +232,10 @@ class RunningNode:
                     pass
         elif not self._termed_group and self.group_alive():
             self._termed_group = True
-            _signal_group(self.pgid, signal.SIGTERM)
+            signal_group(self.pgid, signal.SIGTERM)
 
     def kill(self) -> None:
-        _signal_group(self.pgid, signal.SIGKILL)
+        signal_group(self.pgid, signal.SIGKILL)
         try:
             self.proc.kill()
         except ProcessLookupError:
@@ -481,7 +464,7 @@ def launch(n: int | None = None, base_dir: str | os.PathLike = DEFAULT_DIR, *,
     specs = layout.node_specs(base)
     if check_ports:
         busy = [f"{spec.node_id} {what} {spec.host}:{port}" for spec in specs
-                for what, port in spec.ports().items() if not port_is_free(spec.host, port)]
+                for what, port in spec.ports().items() if not procs.port_is_free(port, spec.host)]
         if busy:
             raise LauncherError("ports in use: " + ", ".join(busy)
                                 + " (another cluster running? choose other ports with the options)")

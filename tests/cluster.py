@@ -13,7 +13,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,9 @@ from typing import Callable, Iterable, Sequence
 
 import msgpack
 import requests
+
+from raftkv.procs import engine_command, kill_group, sidecar_command
+from raftkv.procs import free_ports as _free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -106,20 +108,7 @@ _handed_out: set[int] = set()
 
 def free_ports(n: int) -> list[int]:
     """Ports the kernel gave us for port 0 on 127.0.0.1, never the same one twice a session."""
-    socks, ports = [], []
-    try:
-        while len(ports) < n:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-            port = s.getsockname()[1]
-            if port not in _handed_out:
-                _handed_out.add(port)
-                ports.append(port)
-    finally:
-        for s in socks:
-            s.close()
-    return ports
+    return _free_ports(n, HOST, handed_out=_handed_out)
 
 
 # -- process registry (last-resort cleanup) -------------------------------------------
@@ -128,18 +117,9 @@ _live: set[subprocess.Popen] = set()
 _active_clusters: list["Cluster"] = []
 
 
-def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    if proc.poll() is not None:  # reaped: its pid (and group id) may belong to someone else now
-        return
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def kill_all_processes() -> None:
     for proc in list(_live):
-        _kill_group(proc)
+        kill_group(proc)
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -222,20 +202,14 @@ class Node:
     # -- commands -----------------------------------------------------------------------------
     def engine_cmd(self) -> list[str]:
         p = self.ports
-        return [sys.executable, "-m", "storage_engine", str(p.http), str(p.app_grpc), str(p.side_grpc),
-                str(self.dir / "kv.db"), "--http-host", HOST, "--apply-audit", str(self.audit_path),
-                *self.engine_args]
+        return engine_command(sys.executable, p.http, p.app_grpc, p.side_grpc, self.dir / "kv.db", HOST,
+                              extra=["--apply-audit", str(self.audit_path), *self.engine_args])
 
     def sidecar_cmd(self) -> list[str]:
         p = self.ports
-        cmd = [sys.executable, "-m", "raft_sidecar", "-id", self.node_id, "-raft", str(p.raft),
-               "-srv", str(p.side_grpc), "-app", f"{HOST}:{p.app_grpc}", "-mgmt", str(p.mgmt),
-               "-data", str(self.dir / "raft"), "-advertise", HOST, "--bind-host", HOST]
-        if self.bootstrap:
-            cmd.append("-bootstrap")
-        if self.join:
-            cmd += ["-join", self.join]
-        return cmd + list(self.sidecar_args)
+        return sidecar_command(sys.executable, self.node_id, p.raft, p.side_grpc, f"{HOST}:{p.app_grpc}",
+                               p.mgmt, self.dir / "raft", HOST, HOST, bootstrap=self.bootstrap,
+                               join=self.join, extra=self.sidecar_args)
 
     def _spawn(self, cmd: list[str], log_path: Path) -> subprocess.Popen:
         env = dict(os.environ)
@@ -272,7 +246,7 @@ class Node:
     def kill9(self) -> None:
         """SIGKILL both process groups at once (a machine crash, as far as this node is concerned)."""
         for p in self.procs():
-            _kill_group(p, signal.SIGKILL)
+            kill_group(p, signal.SIGKILL)
         for p in self.procs():
             p.wait(timeout=10)
             _live.discard(p)
@@ -283,7 +257,7 @@ class Node:
         for p in self.procs():
             if p.poll() is None and p not in self._terminated:
                 self._terminated.add(p)
-                _kill_group(p, signal.SIGTERM)
+                kill_group(p, signal.SIGTERM)
 
     def stop(self, timeout: float = 10.0) -> dict[str, int | None]:
         """SIGTERM both, SIGKILL what is still running after `timeout`. Returns the exit codes
@@ -297,7 +271,7 @@ class Node:
             try:
                 codes[name] = p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _kill_group(p, signal.SIGKILL)
+                kill_group(p, signal.SIGKILL)
                 p.wait(timeout=10)
                 codes[name] = None
             _live.discard(p)

@@ -11,7 +11,6 @@ import atexit
 import os
 import random
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -22,6 +21,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import msgpack
 
+from raftkv.procs import free_ports as _free_ports
+from raftkv.procs import port_is_free, signal_group
+
 HOST = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,35 +33,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 _handed_out: set[int] = set()
 
 
-def port_is_free(port: int, host: str = HOST) -> bool:
-    """A server (SO_REUSEADDR, like aiohttp/gRPC/PySyncObj) could listen on host:port now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def free_ports(n: int) -> list[int]:
     """n distinct ports the kernel handed out for port 0 (all bound at once, then released);
     never the same port twice in one test session."""
-    socks: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        while len(ports) < n:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-            p = s.getsockname()[1]
-            if p not in _handed_out:
-                _handed_out.add(p)
-                ports.append(p)
-    finally:
-        for s in socks:
-            s.close()
-    return ports
+    return _free_ports(n, HOST, handed_out=_handed_out)
 
 
 def free_port() -> int:
@@ -258,22 +235,15 @@ def wait_pids_gone(pids: Iterable[int], timeout: float) -> list[int]:
         time.sleep(0.1)
 
 
-def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def terminate_group(proc: subprocess.Popen, grace: float = 10.0) -> int | None:
     """SIGTERM the group led by proc, SIGKILL it after `grace` s; returns proc's exit status."""
     if proc.poll() is None:
-        kill_group(proc.pid, signal.SIGTERM)
+        signal_group(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         pass
-    kill_group(proc.pid, signal.SIGKILL)
+    signal_group(proc.pid, signal.SIGKILL)
     try:
         return proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
@@ -297,7 +267,7 @@ _registry: set[subprocess.Popen] = set()
 
 def _kill_registered() -> None:
     for proc in list(_registry):
-        kill_group(proc.pid)
+        signal_group(proc.pid)
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -340,7 +310,7 @@ class ProcessGroups:
 
     def kill_all(self) -> None:
         for proc in self.procs:
-            kill_group(proc.pid)  # the group outlives its leader while children remain
+            signal_group(proc.pid)  # the group outlives its leader while children remain
         for proc in self.procs:
             try:
                 proc.wait(timeout=10)

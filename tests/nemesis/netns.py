@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +37,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import requests
+
+from raftkv.procs import engine_command, kill_group, sidecar_command
+from raftkv.procs import free_ports as _free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 SUBNET_PREFIX = "10.213"
@@ -276,15 +278,6 @@ _live_clusters: list["Cluster"] = []
 _handed_out: set[int] = set()
 
 
-def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def _last_resort_cleanup() -> None:
     for c in list(_live_clusters):
         try:
@@ -292,7 +285,7 @@ def _last_resort_cleanup() -> None:
         except Exception:  # noqa: BLE001 - interpreter exit
             pass
     for p in list(_live_procs):
-        _kill_group(p)
+        kill_group(p)
     for net in list(_live_nets):
         try:
             net.teardown()
@@ -304,20 +297,8 @@ atexit.register(_last_resort_cleanup)
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    socks, ports = [], []
-    try:
-        while len(ports) < n:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-            port = s.getsockname()[1]
-            if port not in _handed_out:
-                _handed_out.add(port)
-                ports.append(port)
-    finally:
-        for s in socks:
-            s.close()
-    return ports
+    """Free ports on `host`, never the same one twice in this test session."""
+    return _free_ports(n, host, handed_out=_handed_out)
 
 
 _tls = threading.local()
@@ -413,24 +394,20 @@ class Node:
         return ["ip", "netns", "exec", self.netns] if self.netns else []
 
     def engine_cmd(self) -> list[str]:
-        return self._prefix() + [
-            sys.executable, "-m", "storage_engine", str(self.http_port), str(self.app_port),
-            str(self.side_port), str(self.dir / "kv.db"), "--http-host", self.host,
-            "--apply-audit", str(self.audit_path), *self.cluster.engine_args]
+        return self._prefix() + engine_command(
+            sys.executable, self.http_port, self.app_port, self.side_port, self.dir / "kv.db", self.host,
+            extra=["--apply-audit", str(self.audit_path), *self.cluster.engine_args])
 
     def sidecar_cmd(self) -> list[str]:
-        cmd = self._prefix() + [
-            sys.executable, "-m", "raft_sidecar", "-id", self.name, "-raft", str(self.raft_port),
-            "-srv", str(self.side_port), "-app", f"127.0.0.1:{self.app_port}", "-mgmt", str(self.mgmt_port),
-            "-data", str(self.dir / "raft"), "--bind-host", self.host, "-advertise", self.host]
-        if self.index == 0:
-            cmd.append("-bootstrap")
-        else:
-            cmd += ["-join", self.cluster.nodes[0].mgmt_addr]
+        extra: list[str] = []
         if self.cluster.election_timeout:
             lo, hi = self.cluster.election_timeout
-            cmd += ["--election-timeout", str(lo), str(hi)]
-        return cmd + list(self.cluster.sidecar_args)
+            extra += ["--election-timeout", str(lo), str(hi)]
+        return self._prefix() + sidecar_command(
+            sys.executable, self.name, self.raft_port, self.side_port, f"127.0.0.1:{self.app_port}",
+            self.mgmt_port, self.dir / "raft", self.host, self.host, bootstrap=self.index == 0,
+            join=None if self.index == 0 else self.cluster.nodes[0].mgmt_addr,
+            extra=extra + list(self.cluster.sidecar_args))
 
     def _spawn(self, cmd: list[str], log_path: Path) -> subprocess.Popen:
         env = dict(os.environ)
@@ -502,7 +479,7 @@ class Node:
         """SIGKILL both process groups at once: a crash, as far as this node is concerned."""
         self.kills += 1
         for p in self.procs():
-            _kill_group(p, signal.SIGKILL)
+            kill_group(p, signal.SIGKILL)
         for p in self.procs():
             try:
                 p.wait(timeout=10)
@@ -512,13 +489,13 @@ class Node:
 
     def stop(self, timeout: float = 10.0) -> None:
         for p in self.procs():
-            _kill_group(p, signal.SIGTERM)
+            kill_group(p, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for p in self.procs():
             try:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _kill_group(p, signal.SIGKILL)
+                kill_group(p, signal.SIGKILL)
                 p.wait(timeout=10)
             _live_procs.discard(p)
 
