@@ -132,12 +132,14 @@ class RaftClient:
         while True:
             cmd.floor = min(self._open_seqs)
             left = deadline - time.monotonic()
+            epoch = self.barrier.begin()
             try:
                 resp = await self._stub.Propose(cmd, timeout=max(left, 0.05))
             except grpc.aio.AioRpcError as exc:
                 err = error_from_rpc(exc, "write")
             else:
                 if resp.success:
+                    self.barrier.committed(epoch, resp.index)
                     return resp.index
                 err = error_from_response(resp.code, resp.error)
             if err.kind is ErrorKind.OUTCOME_UNKNOWN:
@@ -164,33 +166,63 @@ class RaftClient:
 class SharedBarrier:
     """One barrier RPC in flight at a time; every reader joins the next one.
 
-    A reader may only use a barrier issued after it arrived (otherwise a write
-    acknowledged just before the read could be missed), so a reader that comes
-    while one is in flight waits for the following one. N concurrent readers
+    A reader may only use a round trip that started after it arrived (otherwise a
+    write acknowledged just before the read could be missed), so a reader that comes
+    while a barrier is in flight waits for the following one. N concurrent readers
     cost two round trips at most, not N.
+
+    A write of this engine that commits proves the same thing as a barrier: a
+    current leader with a live majority appended it after it was sent, and this
+    node applied everything before it. So readers are released by whichever comes
+    first, a barrier or a write, as long as it started after the last of them
+    arrived (`need`, counted in round trips started).
     """
 
     def __init__(self, rpc: Callable[[int], Awaitable[int]]) -> None:
         self._rpc = rpc
-        self._next: dict[int, asyncio.Future[int]] = {}
+        self._epoch = 0                                    # round trips started
+        self._next: dict[int, tuple[asyncio.Future[int], int]] = {}     # mode -> (readers, need)
+        self._current: dict[int, tuple[asyncio.Future[int], int]] = {}  # barrier in flight
         self._running: set[int] = set()
 
+    def begin(self) -> int:
+        """Call right before sending a round trip (barrier or write); returns its epoch."""
+        self._epoch += 1
+        return self._epoch
+
+    def committed(self, epoch: int, index: int) -> None:
+        """A write sent at `epoch` is committed and applied here: release readers it covers."""
+        for table in (self._current, self._next):
+            for mode, (fut, need) in list(table.items()):
+                if epoch >= need and not fut.done():
+                    fut.set_result(index)
+                    if table is self._next:
+                        del table[mode]
+
     async def wait(self, mode: int = 0) -> int:
-        fut = self._next.get(mode)
-        if fut is None:
-            fut = self._next[mode] = asyncio.get_running_loop().create_future()
-            if mode not in self._running:
-                self._running.add(mode)
-                asyncio.create_task(self._run(mode))
+        entry = self._next.get(mode)
+        fut = entry[0] if entry else asyncio.get_running_loop().create_future()
+        self._next[mode] = (fut, self._epoch + 1)
+        if mode not in self._running:
+            self._running.add(mode)
+            asyncio.create_task(self._run(mode))
         return await asyncio.shield(fut)
 
     async def _run(self, mode: int) -> None:
         try:
-            while (fut := self._next.pop(mode, None)) is not None:
+            while (entry := self._next.pop(mode, None)) is not None:
+                fut = entry[0]
+                self._current[mode] = entry
+                self.begin()
                 try:
-                    fut.set_result(await self._rpc(mode))
+                    index = await self._rpc(mode)
+                    if not fut.done():
+                        fut.set_result(index)
                 except Exception as exc:
-                    fut.set_exception(exc)
-                    fut.exception()  # consumed: readers may all have gone
+                    if not fut.done():
+                        fut.set_exception(exc)
+                        fut.exception()  # consumed: readers may all have gone
+                finally:
+                    del self._current[mode]
         finally:
             self._running.discard(mode)
