@@ -19,7 +19,7 @@ from .applier import Applier
 from .config import SidecarConfig, parse_args, setup_logging
 from .management import Management
 from .node import MembersFile, RaftKVNode
-from .rpc import RaftOutcome, call_replicated
+from .rpc import RaftNodeService, RaftOutcome, call_replicated
 from .snapshot import Snapshots, read_header
 
 log = logging.getLogger("raft_sidecar")
@@ -81,7 +81,6 @@ async def serve(cfg: SidecarConfig) -> int:
     log.info("raft node %s at %s, peers %s", cfg.node_id, cfg.advertise, [p for p in peers if p != cfg.advertise])
 
     grpc_server = grpc.aio.server()
-    from .rpc import RaftNodeService
     pb_grpc.add_RaftNodeServicer_to_server(RaftNodeService(cfg, node, applier), grpc_server)
     grpc_addr = f"{cfg.grpc_host}:{cfg.grpc_port}"
     try:
