@@ -25,13 +25,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from raftkv.procs import free_ports
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
@@ -126,18 +126,6 @@ def run_node(a: argparse.Namespace) -> int:
 
 
 # -- controller ---------------------------------------------------------------------------
-def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def one_run(base: str, variant: str, batch: bool, callers: int, seconds: float) -> dict | None:
     d = tempfile.mkdtemp(prefix=f"bench-{variant}-", dir=base)
     ports = ",".join(map(str, free_ports(3)))

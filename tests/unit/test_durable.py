@@ -5,7 +5,6 @@ import collections
 import logging
 import os
 import pickle
-import socket
 import threading
 import time
 
@@ -20,6 +19,7 @@ from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.journal import FileJournal
 
 from raft_sidecar import durable
+from raftkv.procs import free_ports
 from raft_sidecar.durable import (
     COMPACT_SUFFIX,
     REC_HDR_SIZE,
@@ -382,18 +382,6 @@ def test_check_data_dir(tmp_path, jpath):
 
 
 # -- a real in-process cluster ------------------------------------------------------------------
-def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 class Counter(SyncObjConsumer):
     def __init__(self):
         super().__init__()
