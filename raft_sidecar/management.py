@@ -16,6 +16,7 @@ from aiohttp import web
 
 from raftkv.pb import consensus_pb2 as pb
 
+from . import metrics
 from .applier import Applier
 from .config import SidecarConfig
 from .node import RaftKVNode
@@ -49,6 +50,7 @@ class Management:
             app.router.add_post(path, handler)
         app.router.add_get("/status", self.status)
         app.router.add_get("/health", self.health)
+        metrics.install(app, self._node, self._applier)
         return app
 
     # -- helpers --------------------------------------------------------------------

@@ -13,10 +13,12 @@ from aiohttp import web, web_protocol
 from raftkv.pb import consensus_pb2 as pb
 
 from .commands import parse_insert
+from . import auth, metrics
 from .config import EngineConfig
 from .errors import ErrorKind, KVError
 from .raft_client import RaftClient
 from .store import Store
+from .v1_api import V1API
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,10 @@ class ClientAPI:
         self._raft = raft
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self._cfg.max_body_bytes)
+        app = web.Application(client_max_size=self._cfg.max_body_bytes,
+                              middlewares=auth.middlewares(self._cfg))
+        metrics.install(app, self._store, self._raft)
+        V1API(self._cfg, self._store, self._raft).register(app)
         app.router.add_post("/insert-val", self.insert_val)
         app.router.add_get("/get-val", self.get_val)
         app.router.add_get("/health", self.health)
