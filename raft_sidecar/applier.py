@@ -35,6 +35,11 @@ class Applier:
         self._channel = grpc.insecure_channel(app_addr, options=[
             ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
         self.stub = pb_grpc.StateMachineStub(self._channel)
+        # ApplyEntries with a pre-encoded request: the committed commands are already
+        # serialized Command messages, so they are framed, never parsed and re-encoded.
+        self._apply_raw = self._channel.unary_unary(
+            "/consensus.StateMachine/ApplyEntries", request_serializer=None,
+            response_deserializer=pb.ApplyResponse.FromString)
         self._fail_timeout = fail_timeout
         self._fail_stop = fail_stop or _exit_process
         self._cond = threading.Condition()
@@ -119,8 +124,7 @@ class Applier:
                 if self._stopping:
                     return
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_ENTRIES_PER_CALL))]
-            entries = [pb.LogEntry(index=i, commands=[pb.Command.FromString(c)])
-                       for i, c in batch if c is not None and i > self.engine_applied]
+            entries = [(i, c) for i, c in batch if c is not None and i > self.engine_applied]
             if entries:
                 self._deliver(entries)
             with self._cond:
@@ -130,19 +134,20 @@ class Applier:
                 self._release_waiters()
                 self._cond.notify_all()
 
-    def _deliver(self, entries: list[pb.LogEntry]) -> None:
-        request = pb.ApplyEntriesRequest(entries=entries)
+    def _deliver(self, entries: list[tuple[int, bytes]]) -> None:
+        request = encode_apply_entries(entries)
+        first, last = entries[0][0], entries[-1][0]
         started = time.monotonic()
         delay = 0.05
         while True:
             try:
-                resp = self.stub.ApplyEntries(request, timeout=APPLY_RPC_TIMEOUT)
+                resp = self._apply_raw(request, timeout=APPLY_RPC_TIMEOUT)
                 if resp.success:
                     self.engine_applied = resp.applied_index
                     return
-                problem = f"engine refused entries {entries[0].index}..{entries[-1].index}: {resp.error}"
+                problem = f"engine refused entries {first}..{last}: {resp.error}"
             except grpc.RpcError as exc:
-                problem = f"engine unreachable applying {entries[0].index}..{entries[-1].index}: {exc.code().name}"
+                problem = f"engine unreachable applying {first}..{last}: {exc.code().name}"
             if time.monotonic() - started > self._fail_timeout:
                 # Fail-stop rather than skip an entry: a restart replays from the
                 # engine's stored index, so nothing is lost or applied twice.
@@ -156,6 +161,25 @@ class Applier:
         while self._waiters and self._waiters[0][0] <= self.processed:
             _, _, loop, fut = heapq.heappop(self._waiters)
             loop.call_soon_threadsafe(_resolve, fut)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_apply_entries(entries: list[tuple[int, bytes]]) -> bytes:
+    """ApplyEntriesRequest{entries: [LogEntry{index=1, commands=3: [one serialized Command]}]}
+    in protobuf wire format, built from the command bytes as they sit in the log."""
+    parts = []
+    for index, command in entries:
+        entry = b"\x08" + _varint(index) + b"\x1a" + _varint(len(command)) + command
+        parts.append(b"\x0a" + _varint(len(entry)) + entry)
+    return b"".join(parts)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
