@@ -20,6 +20,12 @@
 #   BIND_HOST [0.0.0.0]      listen address of the client, Raft and management ports
 #   PYTHON [python3]         interpreter that has storage_engine and raft_sidecar installed
 #   CLUSTER_TOKEN [unset]    token for mutating management calls; passed via the environment only
+#   RAFT_SECRET [unset]      secret that encrypts and authenticates Raft traffic (same on every node)
+#   RAFTKV_CLIENT_TOKEN [unset] bearer token every client HTTP request must carry (/health stays open)
+#   CLUSTER_TOKEN_FILE, RAFT_SECRET_FILE, RAFTKV_CLIENT_TOKEN_FILE [unset]
+#                            the same secrets read from files (e.g. /run/secrets/...); a file beats
+#                            the plain variable. TLS: ENGINE_ARGS="--tls-cert-file F --tls-key-file F".
+#                            See docs/security.md.
 #   LOG_LEVEL [unset]        passed to both processes as --log-level when set
 #   ENGINE_START_TIMEOUT [60] seconds to wait for the engine's gRPC port
 #   STOP_TIMEOUT [20]        seconds to wait for a process after SIGTERM before SIGKILL
@@ -69,12 +75,19 @@ case "${BOOTSTRAP,,}" in
     *) die "BOOTSTRAP must be true or false, got '$BOOTSTRAP'" ;;
 esac
 
-# The token travels in the environment only (never on a command line, where `ps` shows it).
+# Secrets travel in the environment only (never on a command line, where `ps` shows them);
+# an empty variable is the same as an unset one.
 if [ -n "${CLUSTER_TOKEN:-}" ]; then
     export CLUSTER_TOKEN
 else
     unset CLUSTER_TOKEN
 fi
+export_or_unset() { if [ -n "$2" ]; then export "$1"; else unset "$1"; fi; }
+export_or_unset RAFT_SECRET "${RAFT_SECRET:-}"
+export_or_unset RAFTKV_CLIENT_TOKEN "${RAFTKV_CLIENT_TOKEN:-}"
+export_or_unset CLUSTER_TOKEN_FILE "${CLUSTER_TOKEN_FILE:-}"
+export_or_unset RAFT_SECRET_FILE "${RAFT_SECRET_FILE:-}"
+export_or_unset RAFTKV_CLIENT_TOKEN_FILE "${RAFTKV_CLIENT_TOKEN_FILE:-}"
 
 mkdir -p -- "$DATA_DIR" || die "cannot create DATA_DIR '$DATA_DIR'"
 

@@ -8,6 +8,7 @@ everything that answers a client waits on `processed` here, not on PySyncObj.
 """
 from __future__ import annotations
 
+import ast
 import asyncio
 import collections
 import heapq
@@ -125,8 +126,8 @@ class Applier:
                     return
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_ENTRIES_PER_CALL))]
             entries = [(i, c) for i, c in batch if c is not None and i > self.engine_applied]
-            if entries:
-                self._deliver(entries)
+            if entries and not self._deliver(entries):
+                return  # stopping: nothing past the engine's stored index is claimed applied
             with self._cond:
                 last = batch[-1][0]
                 if last > self.processed:
@@ -134,7 +135,8 @@ class Applier:
                 self._release_waiters()
                 self._cond.notify_all()
 
-    def _deliver(self, entries: list[tuple[int, bytes]]) -> None:
+    def _deliver(self, entries: list[tuple[int, bytes]]) -> bool:
+        """True once the engine stored the entries; False when asked to stop first."""
         request = encode_apply_entries(entries)
         first, last = entries[0][0], entries[-1][0]
         started = time.monotonic()
@@ -144,15 +146,17 @@ class Applier:
                 resp = self._apply_raw(request, timeout=APPLY_RPC_TIMEOUT)
                 if resp.success:
                     self.engine_applied = resp.applied_index
-                    return
-                problem = f"engine refused entries {first}..{last}: {resp.error}"
+                    return True
+                problem = f"engine refused entries {first}..{last}: {engine_error(resp.error)}"
             except grpc.RpcError as exc:
                 problem = f"engine unreachable applying {first}..{last}: {exc.code().name}"
             if time.monotonic() - started > self._fail_timeout:
                 # Fail-stop rather than skip an entry: a restart replays from the
                 # engine's stored index, so nothing is lost or applied twice.
                 self._fail_stop(f"{problem}; gave up after {self._fail_timeout:.0f}s")
-                return
+                return False
+            if self._stopping:
+                return False
             log.warning("%s; retrying", problem)
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
@@ -180,6 +184,21 @@ def encode_apply_entries(entries: list[tuple[int, bytes]]) -> bytes:
         entry = b"\x08" + _varint(index) + b"\x1a" + _varint(len(command)) + command
         parts.append(b"\x0a" + _varint(len(entry)) + entry)
     return b"".join(parts)
+
+
+def engine_error(text: str) -> str:
+    """The engine's refusal, readable: LevelDB errors arrive as the repr of bytes
+    (b'IO error: ...'); a full disk says so and how to recover."""
+    if len(text) >= 3 and text[0] == "b" and text[1] in "'\"" and text[-1] == text[1]:
+        try:
+            text = ast.literal_eval(text).decode(errors="replace")
+        except (ValueError, SyntaxError, AttributeError):
+            pass
+    if "No space left on device" in text or "Disk quota exceeded" in text:
+        text += (" (the engine's disk is full: this node stops applying instead of skipping the entries; "
+                 "free space, then restart the node's engine and sidecar: they replay from the engine's "
+                 "stored index)")
+    return text
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

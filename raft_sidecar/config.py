@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
+
+from raftkv.secretfile import SecretError, resolve_secret
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,9 @@ class SidecarConfig:
     advertise: str = ""           # host:raftport other nodes dial
     bind_host: str = "0.0.0.0"
     grpc_host: str = "127.0.0.1"
-    cluster_token: str | None = None
+    # Secrets never go into repr/logs (docs/security.md).
+    cluster_token: str | None = field(default=None, repr=False)
+    raft_secret: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
     # Raft timing. Election timeouts sit well above the 100 ms heartbeat so that a
     # busy 2-core machine does not cause spurious elections (note §9).
@@ -36,6 +40,8 @@ class SidecarConfig:
     apply_fail_timeout: float = 30.0
     join_tries: int = 20
     join_interval: float = 2.0
+    # Warnings found while parsing, logged by main() once logging is set up.
+    notices: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def mgmt_advertise(self) -> str:
@@ -98,7 +104,13 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Sid
                    help="listen address for Raft and management (0.0.0.0)")
     p.add_argument("--grpc-host", default="127.0.0.1", help="RaftNode gRPC listen address (127.0.0.1)")
     p.add_argument("--cluster-token", default=None,
-                   help="token required by /join and /leave; prefer the CLUSTER_TOKEN environment variable")
+                   help="DEPRECATED (visible in ps): token required by /join and /leave; "
+                        "use env CLUSTER_TOKEN or --cluster-token-file")
+    p.add_argument("--cluster-token-file", default=None,
+                   help="file holding the token required by /join and /leave (or env CLUSTER_TOKEN)")
+    p.add_argument("--raft-secret-file", default=None,
+                   help="file holding the secret that encrypts and authenticates Raft traffic "
+                        "(or env RAFT_SECRET); every member needs the same one")
     p.add_argument("--log-level", default=env.get("LOG_LEVEL", "INFO"))
     p.add_argument("--election-timeout", type=float, nargs=2, metavar=("MIN", "MAX"), default=(1.0, 2.0))
     p.add_argument("--compact-entries", type=int, default=20000,
@@ -120,16 +132,25 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Sid
     lo, hi = a.election_timeout
     if not 0 < lo < hi:
         p.error("--election-timeout needs 0 < MIN < MAX")
+    try:
+        cluster_token, token_notices = resolve_secret(
+            "cluster token", file=a.cluster_token_file, env=env, env_var="CLUSTER_TOKEN",
+            argv_value=a.cluster_token, argv_flag="--cluster-token")
+        raft_secret, secret_notices = resolve_secret("raft secret", file=a.raft_secret_file, env=env,
+                                                     env_var="RAFT_SECRET")
+    except SecretError as exc:
+        p.error(str(exc))
     return SidecarConfig(
         node_id=a.id, raft_port=a.raft, grpc_port=a.srv, app_addr=a.app, mgmt_port=a.mgmt,
         bootstrap=a.bootstrap, data_dir=a.data, join_addr=a.join, advertise=advertise,
         bind_host=a.bind_host, grpc_host=a.grpc_host,
-        cluster_token=a.cluster_token or env.get("CLUSTER_TOKEN") or None,
+        cluster_token=cluster_token, raft_secret=raft_secret,
         log_level=a.log_level.upper(), raft_min_timeout=lo, raft_max_timeout=hi,
         connection_timeout=max(3.5, hi + 1.0), leader_fallback_timeout=max(3.0, hi * 1.5),
         compact_entries=a.compact_entries, compact_seconds=a.compact_seconds,
         propose_timeout=a.propose_timeout, apply_fail_timeout=a.apply_fail_timeout,
         join_tries=a.join_tries, join_interval=a.join_interval,
+        notices=tuple(token_notices + secret_notices),
     )
 
 

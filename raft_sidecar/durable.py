@@ -111,6 +111,7 @@ A journal written by stock `FileJournal` (header b"PYSYNCOBJ") is refused with
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import pickle
@@ -511,6 +512,11 @@ class DurableFileJournal(Journal):
 
     def _io_failed(self, what: str, exc: BaseException) -> None:
         self._failed = f"{self.path}: {what} failed: {exc!r}"
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            where = os.path.dirname(self.path) or "."
+            self._failed += (f": the disk holding the Raft journal is full. This node stops instead of "
+                             f"acknowledging entries it could not store; free space on the filesystem of "
+                             f"{where} and restart the node: it catches up from its peers")
         self.fatal(self._failed)
         raise DurableError(self._failed)  # only reached if fatal() was overridden to return
 

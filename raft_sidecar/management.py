@@ -7,7 +7,6 @@ and two overlapping single-server changes can produce disjoint majorities.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 
@@ -15,8 +14,9 @@ import aiohttp
 from aiohttp import web
 
 from raftkv.pb import consensus_pb2 as pb
+from raftkv.secretfile import same_secret
 
-from . import metrics
+from . import metrics, raft_secret
 from .applier import Applier
 from .config import SidecarConfig
 from .node import RaftKVNode
@@ -60,7 +60,7 @@ class Management:
             return True
         given = request.headers.get("Authorization", "")
         given = given[7:] if given.startswith("Bearer ") else request.query.get("token", "")
-        return hmac.compare_digest(given.encode(), token.encode())
+        return same_secret(given, token)   # constant time, length included
 
     def _members(self) -> list[dict[str, str]]:
         registry = self._node.registry_snapshot()
@@ -103,6 +103,15 @@ class Management:
             if holder is not None and holder != peer_addr and holder in members:
                 return _json_error(409, f"id {peer_id!r} already belongs to member {holder}; /leave it first")
             registered = self._node.registry_snapshot().get(peer_addr, {})
+            if peer_addr not in members and self._node.encryptor is not None:
+                # Only a node holding the raft secret may become a member (raft_secret.py).
+                try:
+                    await raft_secret.probe_peer(peer_addr, self._node.encryptor)
+                except raft_secret.ProbeUnreachable as exc:
+                    return _json_error(503, f"not adding {peer_id}: {exc}; retry once its raft port is up")
+                except raft_secret.ProbeRefused as exc:
+                    log.warning("refusing to add %s (%s): %s", peer_id, peer_addr, exc)
+                    return _json_error(403, f"not adding {peer_id}: {exc}")
             try:
                 if peer_addr not in members:
                     log.info("adding %s (%s) to the cluster", peer_id, peer_addr)

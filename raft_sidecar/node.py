@@ -17,6 +17,7 @@ from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.syncobj import _RAFT_STATE
 
 from . import durable
+from .raft_secret import SecretTransport
 from .applier import Applier
 from .config import SidecarConfig
 
@@ -52,6 +53,9 @@ def make_conf(cfg: SidecarConfig, serializer: Callable, deserializer: Callable,
         commandsQueueSize=20000,
         # Reconnect quickly to a restarted or newly added peer (default 5 s).
         connectionRetryTime=1.0,
+        # Encrypts and authenticates every Raft message (Fernet); None = plaintext pickles,
+        # which anyone who can reach the Raft port could forge (docs/security.md).
+        password=cfg.raft_secret,
     )
 
 
@@ -106,7 +110,7 @@ class RaftKVNode(SyncObj):
         durable.install()
         super().__init__(cfg.advertise, [p for p in peers if p != cfg.advertise],
                          make_conf(cfg, snapshots.serialize, snapshots.deserialize, snapshots.check),
-                         transportClass=durable.DurableTCPTransport)
+                         transportClass=SecretTransport)  # DurableTCPTransport + raft secret guard
         self._persist_members()
         # A loaded snapshot replaces the peer set without the change hook below.
         self.addOnTickCallback(self._persist_members)

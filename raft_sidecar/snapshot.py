@@ -129,15 +129,20 @@ class Snapshots:
         with open(path, "wb") as f:
             w = _CrcWriter(f)
             first = next(stream)
+            # "records": values are the engine's records (metadata header + value);
+            # files without it hold plain values and are restored as such.
             header = pickle.dumps({"raft": tuple(raft_data), "registry": registry,
-                                   "engine_index": first.applied_index, "sessions": first.sessions},
+                                   "engine_index": first.applied_index, "sessions": first.sessions,
+                                   "revision": first.revision, "records": True},
                                   protocol=4)
             w.write(MAGIC)
             w.write(_U32.pack(len(header)))
             w.write(header)
             count = 0
             for chunk in _chain(first, stream):
-                for k, v in zip(chunk.keys, chunk.values):
+                if len(chunk.keys) != len(chunk.records):
+                    raise SnapshotError(f"engine sent {len(chunk.keys)} keys with {len(chunk.records)} records")
+                for k, v in zip(chunk.keys, chunk.records):
                     w.write(_PAIR.pack(len(k), len(v)))
                     w.write(k)
                     w.write(v)
@@ -164,7 +169,8 @@ class Snapshots:
             log.info("dump at raft index %d: engine already at %d, keeping its data", last_index, current)
         else:
             self._applier.wait(self._applier.submitted, self._wait_timeout)
-            resp = self._applier.stub.Restore(_chunks(path, engine_index, header.get("sessions", b"")),
+            resp = self._applier.stub.Restore(_chunks(path, engine_index, header.get("sessions", b""),
+                                                      header.get("revision", 0), header.get("records", False)),
                                               timeout=SNAPSHOT_RPC_TIMEOUT)
             if not resp.success:
                 raise SnapshotError(f"engine refused the snapshot: {resp.error}")
@@ -222,7 +228,11 @@ def read_header(path: str) -> dict:
         return pickle.loads(f.read(hlen))
 
 
-def _chunks(path: str, engine_index: int, sessions: bytes = b"") -> Iterator[pb.SnapshotChunk]:
+def _chunks(path: str, engine_index: int, sessions: bytes = b"", revision: int = 0,
+            records: bool = False) -> Iterator[pb.SnapshotChunk]:
+    """The file's pairs as Restore chunks; `records` (from the header) says whether the
+    values are the engine's records or plain values of the older format."""
+    field = "records" if records else "values"
     with open(path, "rb") as f:
         f.seek(len(MAGIC))
         (hlen,) = _U32.unpack(f.read(4))
@@ -237,8 +247,8 @@ def _chunks(path: str, engine_index: int, sessions: bytes = b"") -> Iterator[pb.
             keys.append(f.read(klen))
             values.append(f.read(vlen))
             if len(keys) >= CHUNK_PAIRS:
-                yield pb.SnapshotChunk(applied_index=engine_index if first else 0, keys=keys, values=values,
-                                       sessions=sessions if first else b"")
+                yield pb.SnapshotChunk(applied_index=engine_index if first else 0, keys=keys, **{field: values},
+                                       sessions=sessions if first else b"", revision=revision if first else 0)
                 first, keys, values = False, [], []
-        yield pb.SnapshotChunk(applied_index=engine_index if first else 0, keys=keys, values=values,
-                               sessions=sessions if first else b"", last=True)
+        yield pb.SnapshotChunk(applied_index=engine_index if first else 0, keys=keys, **{field: values},
+                               sessions=sessions if first else b"", revision=revision if first else 0, last=True)

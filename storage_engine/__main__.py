@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import ssl
 import sys
 
 import grpc
@@ -12,6 +14,7 @@ from aiohttp import web
 from raftkv.pb import consensus_pb2_grpc as pb_grpc
 
 from .config import EngineConfig, parse_args, setup_logging
+from .datadir import EngineDataDirError, check_engine_data_dir
 from .http_api import ClientAPI
 from .raft_client import RaftClient
 from .state_machine import StateMachineService
@@ -20,7 +23,24 @@ from .store import Store
 log = logging.getLogger("storage_engine")
 
 
+def tls_context(cfg: EngineConfig) -> ssl.SSLContext | None:
+    """Server-side TLS for the client HTTP port (--tls-cert-file/--tls-key-file), TLS 1.2+."""
+    if not cfg.tls_cert_file:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cfg.tls_cert_file, cfg.tls_key_file)
+    return ctx
+
+
 async def serve(cfg: EngineConfig) -> int:
+    try:
+        # Refuse a damaged LevelDB dir, naming the file, before Store opens it: LevelDB
+        # itself would start empty over it or silently skip what it cannot read.
+        check_engine_data_dir(cfg.db_path)
+    except EngineDataDirError as exc:
+        log.error("%s", exc)
+        return 2
     try:
         store = Store(cfg.db_path, cfg.apply_audit)
     except Exception as exc:  # plyvel.Error, OSError: name the file, no traceback
@@ -38,20 +58,29 @@ async def serve(cfg: EngineConfig) -> int:
         log.error("cannot listen for gRPC on %s: %s", grpc_addr, exc)
         store.close()
         return 1
+    try:
+        ssl_ctx = tls_context(cfg)
+    except (OSError, ssl.SSLError) as exc:
+        log.error("cannot load the TLS certificate %s / key %s: %s", cfg.tls_cert_file, cfg.tls_key_file, exc)
+        await server.stop(0)
+        store.close()
+        return 1
     await server.start()
-    raft = RaftClient(cfg)
+    raft = RaftClient(cfg, store)
     await raft.start()
     runner = web.AppRunner(ClientAPI(cfg, store, raft).app(), access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     try:
-        await web.TCPSite(runner, cfg.http_host, cfg.http_port, backlog=1024).start()
+        await web.TCPSite(runner, cfg.http_host, cfg.http_port, backlog=1024, ssl_context=ssl_ctx).start()
     except OSError as exc:
         log.error("cannot listen for HTTP on %s:%d: %s", cfg.http_host, cfg.http_port, exc)
         await server.stop(0)
         store.close()
         return 1
-    log.info("serving HTTP on %s:%d, StateMachine gRPC on %s, sidecar at %s",
-             cfg.http_host, cfg.http_port, grpc_addr, cfg.sidecar_target)
+    log.info("serving %s on %s:%d, StateMachine gRPC on %s, sidecar at %s; client token %s, "
+             "at most %d concurrent requests", "HTTPS" if ssl_ctx else "HTTP", cfg.http_host, cfg.http_port,
+             grpc_addr, cfg.sidecar_target, "required" if cfg.client_token else "not required",
+             cfg.max_concurrent_requests)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -67,8 +96,10 @@ async def serve(cfg: EngineConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
     setup_logging(cfg.log_level)
+    for notice in cfg.notices:
+        log.warning("%s", notice)
     return asyncio.run(serve(cfg))
 
 

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Union
 
 import msgpack
 
 from raftkv.pb import consensus_pb2 as pb
 
 from .errors import ErrorKind, KVError
+# The v1 write model lives in txn.py; re-exported here for the HTTP layer.
+from .txn import (DELETE, PUT, CurrentState, KeyMeta, OpResult, RequestIdentity,  # noqa: F401
+                  Txn, TxnOp, TxnResult)
 
 OPS = ("SET", "DELETE")
 
@@ -70,31 +73,63 @@ def parse_insert(body: bytes, max_key_bytes: int, max_value_bytes: int) -> Write
     return Write("SET", key, value)
 
 
+@dataclass(frozen=True, slots=True)
+class TxnRequest:
+    """One v1 request inside a proposal: a txn with its client's identity (or None)."""
+    txn: Txn
+    identity: RequestIdentity | None = None
+
+
+Item = Union[Write, TxnRequest]  # one request of a batched proposal
+
+
 @dataclass(frozen=True)
 class Proposal:
-    """One Raft entry's writes with its exactly-once identity (empty client_id: none)."""
+    """One Raft entry's requests with the proposer's exactly-once identity (empty client_id: none)."""
     client_id: str
     seq: int
     floor: int
-    writes: tuple[Write, ...]
+    writes: tuple[Item, ...]
 
 
 def decode_proposal(cmd: pb.Command) -> Proposal:
     return Proposal(cmd.client_id, cmd.seq, cmd.floor, tuple(decode_command(cmd)))
 
 
-def encode_batch(writes: Iterable[Write]) -> pb.Command:
-    """One Raft entry for several writes, applied in order, atomically."""
-    return pb.Command(op="BATCH", batch=[pb.Command(op=w.op, bkey=w.key, bvalue=w.value) for w in writes])
+def encode_batch(items: Iterable[Item]) -> pb.Command:
+    """One Raft entry for several requests, applied in order, each one atomically."""
+    return pb.Command(op="BATCH", batch=[encode_txn(i.txn, i.identity) if isinstance(i, TxnRequest)
+                                         else pb.Command(op=i.op, bkey=i.key, bvalue=i.value) for i in items])
 
 
-def decode_command(cmd: pb.Command) -> Iterator[Write]:
-    """Yields the writes a Command carries; unknown ops are skipped (they never pass parse_insert)."""
+def encode_txn(txn: Txn, identity: RequestIdentity | None = None) -> pb.Command:
+    cmd = pb.Command(op="TXN", batch=[_encode_op(op) for op in txn.ops])
+    if identity is not None:
+        cmd.client_id, cmd.seq, cmd.floor = identity.client_id, identity.seq, identity.floor
+    return cmd
+
+
+def _encode_op(op: TxnOp) -> pb.Command:
+    sub = pb.Command(op="SET" if op.op == PUT else "DELETE", bkey=op.key, bvalue=op.value)
+    if op.expect_value is not None:
+        sub.expect_value = op.expect_value
+    if op.expect_version is not None:
+        sub.expect_version = op.expect_version
+    if op.expect_mod_revision is not None:
+        sub.expect_mod_revision = op.expect_mod_revision
+    return sub
+
+
+def decode_command(cmd: pb.Command) -> Iterator[Item]:
+    """Yields the requests a Command carries; unknown ops are skipped (they never pass parse_insert)."""
+    op = cmd.op.upper()
+    if op == "TXN":
+        yield _decode_txn(cmd)
+        return
     if len(cmd.batch):
         for sub in cmd.batch:
             yield from decode_command(sub)
         return
-    op = cmd.op.upper()
     if op not in OPS:
         return
     key = cmd.bkey or cmd.key.encode("utf-8")
@@ -102,3 +137,21 @@ def decode_command(cmd: pb.Command) -> Iterator[Write]:
         return
     value = cmd.bvalue or cmd.value.encode("utf-8")
     yield Write(op, key, value if op == "SET" else b"")
+
+
+def _decode_txn(cmd: pb.Command) -> TxnRequest:
+    ops = []
+    for sub in cmd.batch:
+        kind = sub.op.upper()
+        if kind not in OPS:
+            continue  # never encoded by encode_txn; skipped the same way on every node
+        ops.append(TxnOp(
+            PUT if kind == "SET" else DELETE,
+            sub.bkey or sub.key.encode("utf-8"),
+            (sub.bvalue or sub.value.encode("utf-8")) if kind == "SET" else b"",
+            sub.expect_value if sub.HasField("expect_value") else None,
+            sub.expect_version if sub.HasField("expect_version") else None,
+            sub.expect_mod_revision if sub.HasField("expect_mod_revision") else None,
+        ))
+    identity = RequestIdentity(cmd.client_id, cmd.seq, cmd.floor) if cmd.client_id else None
+    return TxnRequest(Txn(tuple(ops)), identity)

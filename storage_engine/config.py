@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
+
+from raftkv.secretfile import SecretError, resolve_secret
 
 DEFAULT_MAX_VALUE_BYTES = 1 << 20
 # Room for the msgpack framing and a key next to the largest value.
@@ -26,8 +28,18 @@ class EngineConfig:
     read_timeout: float = 5.0
     max_inflight_writes: int = 4096
     max_batch_commands: int = 512
+    max_scan_limit: int = 10_000     # /v1/range: most keys in one page
+    max_txn_ops: int = 1_000         # /v1/txn: most ops in one transaction
     apply_audit: str | None = None
     log_level: str = "INFO"
+    # Security and limits (docs/security.md). The token never goes into repr/logs.
+    client_token: str | None = field(default=None, repr=False)
+    metrics_public: bool = False
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    max_concurrent_requests: int = 1024
+    # Warnings found while parsing, logged by main() once logging is set up.
+    notices: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def max_body_bytes(self) -> int:
@@ -67,12 +79,36 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Eng
                    help="seconds a linearizable read waits for its barrier")
     p.add_argument("--max-inflight-writes", type=int, default=4096,
                    help="writes waiting for commit on this node; beyond it clients get 503 at once")
+    p.add_argument("--max-scan-limit", type=int, default=10_000,
+                   help="most keys one /v1/range page may ask for (limit=)")
+    p.add_argument("--max-txn-ops", type=int, default=1_000,
+                   help="most operations in one /v1/txn")
     p.add_argument("--apply-audit", default=None,
                    help="append '<raft index>' per applied entry to this file (testing aid)")
     p.add_argument("--log-level", default=env.get("LOG_LEVEL", "INFO"))
+    p.add_argument("--client-token-file", default=None,
+                   help="file holding the bearer token every client request must carry "
+                        "(or env RAFTKV_CLIENT_TOKEN); /health is always open")
+    p.add_argument("--metrics-public", action="store_true",
+                   help="serve /metrics without the client token")
+    p.add_argument("--tls-cert-file", default=None, help="serve the client API over HTTPS with this PEM chain")
+    p.add_argument("--tls-key-file", default=None, help="private key (PEM) for --tls-cert-file")
+    p.add_argument("--max-concurrent-requests", type=int, default=1024,
+                   help="client requests handled at once; beyond it clients get 429 (/v1) or 503 at once")
     a = p.parse_args(list(argv))
     if a.max_value_bytes <= 0 or a.max_key_bytes <= 0:
         p.error("size limits must be positive")
+    if a.max_scan_limit <= 0 or a.max_txn_ops <= 0:
+        p.error("--max-scan-limit and --max-txn-ops must be positive")
+    if a.max_concurrent_requests <= 0:
+        p.error("--max-concurrent-requests must be positive")
+    if bool(a.tls_cert_file) != bool(a.tls_key_file):
+        p.error("--tls-cert-file and --tls-key-file go together")
+    try:
+        client_token, notices = resolve_secret("client token", file=a.client_token_file, env=env,
+                                               env_var="RAFTKV_CLIENT_TOKEN")
+    except SecretError as exc:
+        p.error(str(exc))
     return EngineConfig(
         http_port=a.http_port, grpc_port=a.grpc_port, sidecar_port=a.sidecar_port,
         db_path=a.db_path, http_host=a.http_host, grpc_host=a.grpc_host,
@@ -80,6 +116,10 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Eng
         max_value_bytes=a.max_value_bytes, propose_timeout=a.propose_timeout,
         read_timeout=a.read_timeout, max_inflight_writes=a.max_inflight_writes,
         apply_audit=a.apply_audit, log_level=a.log_level.upper(),
+        max_scan_limit=a.max_scan_limit, max_txn_ops=a.max_txn_ops,
+        client_token=client_token, metrics_public=a.metrics_public,
+        tls_cert_file=a.tls_cert_file, tls_key_file=a.tls_key_file,
+        max_concurrent_requests=a.max_concurrent_requests, notices=tuple(notices),
     )
 
 

@@ -76,8 +76,10 @@ class ClientAPI:
         self._raft = raft
 
     def app(self) -> web.Application:
+        # A binary key percent-encodes to 3 bytes a byte; the request line must fit the longest key.
         app = web.Application(client_max_size=self._cfg.max_body_bytes,
-                              middlewares=auth.middlewares(self._cfg))
+                              middlewares=auth.middlewares(self._cfg),
+                              handler_args={"max_line_size": 3 * self._cfg.max_key_bytes + 8192})
         metrics.install(app, self._store, self._raft)
         V1API(self._cfg, self._store, self._raft).register(app)
         app.router.add_post("/insert-val", self.insert_val)

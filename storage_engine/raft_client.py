@@ -5,16 +5,20 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable, Union
 
 import grpc
 
 from raftkv.pb import consensus_pb2 as pb
 from raftkv.pb import consensus_pb2_grpc as pb_grpc
 
-from .commands import Write, encode_batch
+from .commands import Item, TxnRequest, Write, encode_batch
 from .config import EngineConfig
 from .errors import ErrorKind, KVError
+from .txn import RequestIdentity, Txn, TxnResult, outcome_from_wire
+
+if TYPE_CHECKING:
+    from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,16 @@ _RETRYABLE = (ErrorKind.NO_LEADER, ErrorKind.NOT_APPLIED, ErrorKind.OUTCOME_UNKN
 MAX_CONCURRENT_PROPOSALS = 2
 
 
+# One proposal's keys and values; a single larger request still goes alone.
+MAX_BATCH_BYTES = 4 << 20
+
+
+def _item_bytes(item: Item) -> int:
+    if isinstance(item, Write):
+        return len(item.key) + len(item.value) + 16
+    return sum(len(op.key) + len(op.value) + len(op.expect_value or b"") + 16 for op in item.txn.ops)
+
+
 def error_from_response(code: int, error: str) -> KVError:
     kind = _CODE_KIND.get(code, ErrorKind.INTERNAL)
     if kind is ErrorKind.OUTCOME_UNKNOWN and "outcome unknown" not in error:
@@ -56,21 +70,32 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, what: str) -> KVError:
     return KVError(ErrorKind.INTERNAL, f"{what} failed: {code.name} {exc.details()}")
 
 
+# What a request's future resolves to: the raft index for a Write, a TxnResult for a txn.
+_Waiter = tuple[Item, "asyncio.Future[Union[int, TxnResult]]"]
+
+
 class RaftClient:
-    def __init__(self, cfg: EngineConfig) -> None:
+    def __init__(self, cfg: EngineConfig, store: Store | None = None) -> None:
         self._cfg = cfg
+        self._store = store
         self._channel = grpc.aio.insecure_channel(cfg.sidecar_target)
         self._stub = pb_grpc.RaftNodeStub(self._channel)
-        self._pending: list[tuple[Write, asyncio.Future[int]]] = []
+        self._pending: list[_Waiter] = []
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_PROPOSALS)
         self._sender: asyncio.Task[None] | None = None
         self._inflight = 0
         # Exactly-once identity of this engine process as a Raft client (note H4).
-        self.client_id = uuid.uuid4().hex
+        # "engine:" keeps it apart from v1 client ids, which cannot contain ':'.
+        self.client_id = "engine:" + uuid.uuid4().hex
         self._next_seq = 1
         self._open_seqs: set[int] = set()
+        # seq -> per-request outcomes, recorded by the store when it applies our entry.
+        self._outcomes: dict[int, tuple[list, int]] = {}
+        self._batches: dict[int, list[_Waiter]] = {}
         self.barrier = SharedBarrier(self._read_barrier_rpc)
+        if store is not None:
+            store.set_outcome_sink(self.client_id, self._on_applied)
 
     async def start(self) -> None:
         self._sender = asyncio.create_task(self._send_loop())
@@ -82,11 +107,29 @@ class RaftClient:
 
     # -- writes -----------------------------------------------------------------
     async def write(self, w: Write) -> int:
-        """Replicates one write; returns its raft index once applied on this node."""
+        """Replicates one original /insert-val write; returns its raft index once applied on this node."""
+        index = await self._enqueue(w)
+        assert isinstance(index, int)
+        return index
+
+    async def submit(self, txn: Txn, identity: RequestIdentity | None = None) -> TxnResult:
+        """Replicates one v1 txn (a single put/delete is a one-op txn) in the batched pipeline.
+
+        Returns the outcome computed when this engine applied it, or, for a
+        duplicate of an applied (client, seq), the first outcome with
+        duplicate=True. Raises KVError as write() does (no leader, overloaded,
+        outcome unknown), and BAD_INPUT for a retry whose seq is below the
+        client's floor (applied before, outcome forgotten: it is not applied again).
+        """
+        result = await self._enqueue(TxnRequest(txn, identity))
+        assert isinstance(result, TxnResult)
+        return result
+
+    async def _enqueue(self, item: Item) -> Union[int, TxnResult]:
         if self._inflight >= self._cfg.max_inflight_writes:
             raise KVError(ErrorKind.OVERLOADED, "too many writes in flight on this node; retry later")
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append((w, fut))
+        fut: asyncio.Future[Union[int, TxnResult]] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, fut))
         self._inflight += 1
         self._wakeup.set()
         try:
@@ -94,32 +137,88 @@ class RaftClient:
         finally:
             self._inflight -= 1
 
+    def _on_applied(self, seq: int, index: int, outcomes: list) -> None:
+        """Store hook: our proposal `seq` was applied at `index` (first copy only).
+
+        Applied here means committed and visible to this node's reads, so the
+        requests are answered now, without waiting for Propose's reply to travel back
+        from the sidecar (about a third of a write's latency at concurrency 1)."""
+        if seq in self._open_seqs:
+            self._outcomes[seq] = (outcomes, index)
+            batch = self._batches.get(seq)
+            if batch is not None and len(outcomes) == len(batch):
+                self._settle(batch, index, outcomes)
+
     async def _send_loop(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
                 await self._slots.acquire()
-                batch = self._pending[: self._cfg.max_batch_commands]
-                del self._pending[: len(batch)]
+                batch = self._take_batch()
                 asyncio.create_task(self._propose(batch))
 
-    async def _propose(self, batch: list[tuple[Write, asyncio.Future[int]]]) -> None:
+    def _take_batch(self) -> list[_Waiter]:
+        """The next proposal: at most max_batch_commands requests and about
+        MAX_BATCH_BYTES of keys and values (always at least one request), so that
+        concurrent large values never make one message beyond gRPC's limits."""
+        size = 0
+        n = 0
+        for item, _ in self._pending[: self._cfg.max_batch_commands]:
+            size += _item_bytes(item)
+            if n and size > MAX_BATCH_BYTES:
+                break
+            n += 1
+        batch = self._pending[:n]
+        del self._pending[:n]
+        return batch
+
+    async def _propose(self, batch: list[_Waiter]) -> None:
         seq = self._next_seq
         self._next_seq += 1
         self._open_seqs.add(seq)
+        self._batches[seq] = batch
         try:
-            result = await self._propose_until_known(encode_batch(w for w, _ in batch), seq)
-            for _, fut in batch:
-                if fut.done():
-                    continue
-                if isinstance(result, KVError):
-                    fut.set_exception(result)
-                else:
-                    fut.set_result(result)
+            result = await self._propose_until_known(encode_batch(item for item, _ in batch), seq)
+            recorded = self._outcomes.pop(seq, None)
+            if recorded is not None and isinstance(result, KVError):
+                result = recorded[1]  # the last attempt failed, but an earlier one was applied here
+            outcomes = recorded[0] if recorded is not None and len(recorded[0]) == len(batch) else None
+            self._settle(batch, result, outcomes)
         finally:
             self._open_seqs.discard(seq)
+            self._outcomes.pop(seq, None)
+            self._batches.pop(seq, None)
             self._slots.release()
+
+    def _settle(self, batch: list[_Waiter], result: int | KVError, outcomes: list | None) -> None:
+        """Answers every request of a batch not answered yet (at apply, or after Propose)."""
+        for n, (item, fut) in enumerate(batch):
+            if fut.done():
+                continue
+            if isinstance(result, KVError):
+                fut.set_exception(result)
+            elif isinstance(item, Write):
+                fut.set_result(result)
+            else:
+                out = outcomes[n] if outcomes is not None else self._lost_outcome(item, result)
+                if isinstance(out, KVError):
+                    fut.set_exception(out)
+                else:
+                    fut.set_result(out)
+
+    def _lost_outcome(self, item: TxnRequest, index: int) -> TxnResult | KVError:
+        """Committed and applied, but not through ApplyEntries here: a snapshot from the
+        leader covered the entry. A request with an identity finds its outcome in the
+        restored sessions table; one without cannot know whether its compare held."""
+        ident = item.identity
+        if ident is not None and self._store is not None:
+            raw = self._store.sessions.outcome(ident.client_id, ident.seq)
+            if raw is not None:
+                return outcome_from_wire(raw, item.txn, index, duplicate=False)
+        return KVError(ErrorKind.OUTCOME_UNKNOWN,
+                       f"outcome unknown: committed at index {index}, but this node installed a snapshot "
+                       "covering it, so the result of its conditions is not known here")
 
     async def _propose_until_known(self, cmd: pb.Command, seq: int) -> int | KVError:
         """Retries one proposal under the same (client_id, seq) until it is known
@@ -142,6 +241,9 @@ class RaftClient:
                     self.barrier.committed(epoch, resp.index)
                     return resp.index
                 err = error_from_response(resp.code, resp.error)
+            applied = self._outcomes.get(seq)
+            if applied is not None:  # an earlier, ambiguous attempt has been applied here meanwhile
+                return applied[1]
             if err.kind is ErrorKind.OUTCOME_UNKNOWN:
                 ambiguous = err
             if err.kind not in _RETRYABLE or time.monotonic() + delay >= deadline:
@@ -151,16 +253,29 @@ class RaftClient:
 
     # -- reads ------------------------------------------------------------------
     async def _read_barrier_rpc(self, mode: int) -> int:
-        try:
-            resp = await self._stub.ReadBarrier(pb.ReadBarrierRequest(mode=mode), timeout=self._cfg.read_timeout)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
-                raise KVError(ErrorKind.NO_QUORUM,
-                              f"could not confirm leadership with a majority: {exc.code().name}") from None
-            raise error_from_rpc(exc, "read barrier") from None
-        if not resp.success:
-            raise error_from_response(resp.code, resp.error)
-        return resp.index
+        """A barrier has no effect of its own, so a failed one (no leader yet, a
+        leader change) is simply tried again until the read timeout: an election
+        costs readers latency, not errors."""
+        deadline = time.monotonic() + self._cfg.read_timeout
+        delay = 0.05
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                resp = await self._stub.ReadBarrier(pb.ReadBarrierRequest(mode=mode), timeout=max(left, 0.05))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                    raise KVError(ErrorKind.NO_QUORUM,
+                                  f"could not confirm leadership with a majority: {exc.code().name}") from None
+                raise error_from_rpc(exc, "read barrier") from None
+            if resp.success:
+                return resp.index
+            err = error_from_response(resp.code, resp.error)
+            if err.kind not in _RETRYABLE or time.monotonic() + delay >= deadline:
+                if err.kind is ErrorKind.OUTCOME_UNKNOWN:
+                    err = KVError(ErrorKind.NO_QUORUM, f"could not confirm leadership with a majority: {resp.error}")
+                raise err
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
 
 class SharedBarrier:

@@ -51,10 +51,11 @@ class StateMachineService(pb_grpc.StateMachineServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"engine applied {self._store.applied_index} < requested {request.min_index}")
         chunks = self._store.iter_snapshot(with_sessions=True)
-        index, sessions = next(chunks)
-        yield pb.SnapshotChunk(applied_index=index, sessions=sessions)
+        index, (sessions, revision) = next(chunks)
+        yield pb.SnapshotChunk(applied_index=index, sessions=sessions, revision=revision)
         for _, chunk in chunks:
-            yield pb.SnapshotChunk(keys=[k for k, _ in chunk], values=[v for _, v in chunk])
+            # records = metadata header + value, so a restored node serves the same metadata
+            yield pb.SnapshotChunk(keys=[k for k, _ in chunk], records=[r for _, r in chunk])
         yield pb.SnapshotChunk(last=True)
 
     async def Restore(self, request_iterator: AsyncIterator[pb.SnapshotChunk],
@@ -67,7 +68,14 @@ class StateMachineService(pb_grpc.StateMachineServicer):
                     if index is None:
                         index = chunk.applied_index
                         restore.set_sessions(chunk.sessions)
-                    restore.add(zip(chunk.keys, chunk.values))
+                        restore.set_revision(chunk.revision)
+                    if len(chunk.keys) != max(len(chunk.records), len(chunk.values)):
+                        raise ValueError(f"snapshot chunk has {len(chunk.keys)} keys but "
+                                         f"{max(len(chunk.records), len(chunk.values))} values")
+                    if chunk.values:  # a snapshot of the older format: plain values
+                        restore.add_plain(zip(chunk.keys, chunk.values))
+                    else:
+                        restore.add(zip(chunk.keys, chunk.records))
                     if chunk.last:
                         break
                 else:

@@ -8,10 +8,11 @@ import time
 
 import grpc
 import pytest
+import requests
 
 from raftkv.pb import consensus_pb2 as pb
 from raftkv.pb import consensus_pb2_grpc as pb_grpc
-from tests.cluster import Cluster, get, http_post, put, wait_until
+from tests.cluster import Cluster, get, http_get, http_post, put, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -101,10 +102,21 @@ def test_concurrent_joins_are_serialized(cluster: Cluster):
         return http_post(f"{via.mgmt_url}/join", params={"peerID": node.node_id, "peerAddress": node.raft_addr,
                                                            "mgmtAddress": node.mgmt_addr}, timeout=40)
 
-    # the joins are accepted before the nodes run, so start them first (as the joiner does)
+    # Start both nodes first (as the joiner does); a node refuses to start when it finds
+    # itself already a member with an empty data dir, so the extra joins below are sent
+    # only once both have passed that check (their management port answers). Their own
+    # joiners and these two joins then all race for the leader's single-flight lock.
     for node in (n4, n5):
         node.join = cluster.nodes[0].mgmt_addr
         node.start()
+
+    def mgmt_up(node) -> bool:
+        try:
+            return http_get(f"{node.mgmt_url}/status", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+    for node in (n4, n5):
+        wait_until(lambda node=node: mgmt_up(node), 30, what=f"{node.node_id} management port")
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         results = list(pool.map(join, (n4, n5)))
     assert all(r.status_code == 200 for r in results), [r.text for r in results]

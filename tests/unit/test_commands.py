@@ -257,3 +257,54 @@ def test_nested_batches_keep_order():
     outer = pb.Command(op="BATCH", batch=[inner, pb.Command(op="SET", key="z", value="26"),
                                           pb.Command(op="NOOP")])
     assert list(decode_command(outer)) == WRITES[:2] + [Write("SET", b"z", b"26")]
+
+
+# -- v1 txns on the wire -------------------------------------------------------------------------
+
+from storage_engine.commands import Proposal, TxnRequest, decode_proposal, encode_txn  # noqa: E402
+from storage_engine.txn import DELETE, PUT, RequestIdentity, Txn, TxnOp  # noqa: E402
+
+TXN = Txn((
+    TxnOp(PUT, b"k", b"v"),
+    TxnOp(PUT, b"\x00bin", b"", expect_value=b""),             # an empty expected value is a condition
+    TxnOp(PUT, b"new", b"x", expect_version=0),                # so is expect_version 0
+    TxnOp(DELETE, b"d", expect_mod_revision=0, expect_version=3, expect_value=b"\xff"),
+    TxnOp(DELETE, b"k"),
+))
+
+
+def wire(cmd: pb.Command) -> pb.Command:
+    return pb.Command.FromString(cmd.SerializeToString())
+
+
+def test_txn_round_trip_keeps_conditions_and_their_absence():
+    (req,) = decode_command(wire(encode_txn(TXN)))
+    assert req == TxnRequest(TXN, None)
+    assert [op.has_condition for op in req.txn.ops] == [False, True, True, True, False]
+
+
+def test_txn_carries_the_request_identity():
+    cmd = encode_txn(TXN, RequestIdentity("client-1", 7, 5))
+    assert (cmd.op, cmd.client_id, cmd.seq, cmd.floor) == ("TXN", "client-1", 7, 5)
+    (req,) = decode_command(wire(cmd))
+    assert req.identity == RequestIdentity("client-1", 7, 5)
+
+
+def test_a_batch_mixes_original_writes_and_txns_in_order():
+    items = [WRITES[0], TxnRequest(TXN, RequestIdentity("c", 1, 1)), WRITES[3], TxnRequest(Txn(()), None)]
+    cmd = encode_batch(items)
+    cmd.client_id, cmd.seq, cmd.floor = "engine:e", 4, 3
+    prop = decode_proposal(wire(cmd))
+    assert prop == Proposal("engine:e", 4, 3, tuple(items))
+
+
+def test_a_txn_is_one_request_not_flattened():
+    outer = pb.Command(op="BATCH", batch=[encode_txn(Txn((TxnOp(PUT, b"a", b"1"), TxnOp(PUT, b"b", b"2"))))])
+    items = list(decode_command(wire(outer)))
+    assert len(items) == 1 and isinstance(items[0], TxnRequest) and len(items[0].txn.ops) == 2
+
+
+def test_unknown_ops_inside_a_txn_are_skipped_alike_everywhere():
+    cmd = pb.Command(op="TXN", batch=[pb.Command(op="NOOP", bkey=b"x"), pb.Command(op="set", bkey=b"k", bvalue=b"v")])
+    (req,) = decode_command(wire(cmd))
+    assert req.txn.ops == (TxnOp(PUT, b"k", b"v"),)

@@ -1,6 +1,8 @@
 """Exactly-once bookkeeping: pure SessionTable rules and the Store applying them."""
 from storage_engine.commands import Proposal, Write
-from storage_engine.sessions import EXPIRY_EVERY, SESSION_TTL_ENTRIES, SessionTable
+import msgpack
+
+from storage_engine.sessions import EXPIRY_EVERY, MAX_SEQS_PER_CLIENT, SESSION_TTL_ENTRIES, Session, SessionTable
 from storage_engine.store import Store
 
 
@@ -75,3 +77,53 @@ def test_store_expires_sessions_at_fixed_indexes(tmp_path):
     s = Store(str(tmp_path / "kv.db"))
     assert set(s.sessions.sessions) == {"live"}
     s.close()
+
+
+def test_outcomes_are_remembered_per_seq_until_the_floor_passes():
+    t = SessionTable()
+    assert t.admit("c", 1, 1, index=1)
+    t.remember("c", 1, [1, 5, [[1, 5]]])
+    assert t.admit("c", 2, 1, index=2)
+    t.remember("c", 2, [0, 5, []])
+    assert t.outcome("c", 1) == [1, 5, [[1, 5]]] and t.outcome("c", 2) == [0, 5, []]
+    assert not t.admit("c", 1, 1, index=3)
+    assert t.outcome("c", 1) == [1, 5, [[1, 5]]]          # a duplicate does not overwrite it
+    t.admit("c", 3, 2, index=4)
+    assert t.outcome("c", 1) is None and t.outcome("c", 2) == [0, 5, []] and t.floor("c") == 2
+    assert t.outcome("nobody", 1) is None
+
+
+def test_remember_ignores_a_seq_that_was_not_admitted():
+    t = SessionTable()
+    t.remember("c", 1, "x")
+    assert "c" not in t.sessions
+    t.admit("c", 5, 5, index=1)
+    t.remember("c", 4, "x")
+    assert t.outcome("c", 4) is None
+
+
+def test_seqs_per_client_are_capped_by_raising_the_floor():
+    t = SessionTable()
+    for s in range(1, MAX_SEQS_PER_CLIENT + 3):
+        assert t.admit("c", s, 0, index=s)
+    sess = t.sessions["c"]
+    assert len(sess.outcomes) == MAX_SEQS_PER_CLIENT and sess.floor == 3 and min(sess.outcomes) == 3
+    assert not t.admit("c", 2, 0, index=10_000)
+
+
+def test_outcomes_round_trip_through_dump_and_encode():
+    t = SessionTable()
+    t.admit("c", 1, 1, index=1)
+    t.remember("c", 1, [1, 9, [[2, 1], 0]])
+    t.admit("c", 2, 1, index=2)
+    t2 = SessionTable.load(t.dump())
+    assert t2.sessions["c"] == t.sessions["c"]
+    assert Session.decode(t.sessions["c"].encode()) == t.sessions["c"]
+
+
+def test_sessions_of_the_older_format_load_without_outcomes():
+    old = msgpack.packb({"c": [3, [3, 4], 17]})
+    t = SessionTable.load(old)
+    assert t.sessions["c"].seqs == {3, 4} and t.sessions["c"].floor == 3 and t.sessions["c"].last_index == 17
+    assert not t.admit("c", 4, 3, index=18) and t.outcome("c", 4) is None
+    assert Session.decode(msgpack.packb([1, [1, 2], 5])).seqs == {1, 2}

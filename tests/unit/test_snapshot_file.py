@@ -21,7 +21,7 @@ from raft_sidecar.snapshot import CHUNK_PAIRS, MAGIC, Snapshots, SnapshotError, 
 from raftkv.pb import consensus_pb2 as pb
 from storage_engine.commands import Write
 from storage_engine.state_machine import StateMachineService
-from storage_engine.store import Store
+from storage_engine.store import Store, unpack_record
 
 # What PySyncObj hands to the serializer: (last applied entry, previous entry, cluster);
 # an entry is (command, index, term). Index 42 is the raft index of the snapshot.
@@ -102,9 +102,16 @@ def write_snapshot(store: Store, path: str, raft_data: tuple = RAFT_DATA) -> Eng
 
 
 def read_pairs(path: str, engine_index: int) -> tuple[list[pb.SnapshotChunk], list[tuple[bytes, bytes]]]:
-    chunks = list(_chunks(path, engine_index))
-    pairs = [(k, v) for c in chunks for k, v in zip(c.keys, c.values)]
+    """The file's chunks as the sidecar streams them to Restore, and its (key, value) pairs."""
+    chunks = list(_chunks(path, engine_index, records=True))
+    pairs = [(k, unpack_record(r)[3]) for c in chunks for k, r in zip(c.keys, c.records)]
     return chunks, pairs
+
+
+def restore_chunks(path: str):
+    """What Snapshots.deserialize streams to the engine's Restore for this file."""
+    h = read_header(path)
+    return _chunks(path, h["engine_index"], h.get("sessions", b""), h.get("revision", 0), h.get("records", False))
 
 
 SMALL = {
@@ -130,7 +137,8 @@ def small_snapshot(stores, tmp_path):
 def test_header_contents(small_snapshot):
     path, applier = small_snapshot
     header = read_header(path)
-    assert header == {"raft": RAFT_DATA, "registry": {}, "engine_index": 17, "sessions": b"\x80"}
+    assert header == {"raft": RAFT_DATA, "registry": {}, "engine_index": 17, "sessions": b"\x80",
+                      "revision": len(SMALL), "records": True}
     # serialize waited for the engine to reach the snapshot's raft index first
     assert applier.waits == [(42, 7.0)]
     assert len(applier.stub.snapshot_requests) == 1
@@ -180,7 +188,7 @@ def test_round_trip_of_many_chunks(stores, tmp_path):
     chunks, pairs = read_pairs(path, 1000)
     assert dict(pairs) == data and len(pairs) == len(data)
     assert [len(c.keys) for c in chunks] == [CHUNK_PAIRS, CHUNK_PAIRS, len(data) - 2 * CHUNK_PAIRS]
-    assert all(len(c.keys) == len(c.values) for c in chunks)
+    assert all(len(c.keys) == len(c.records) and not c.values for c in chunks)
     assert chunks[0].applied_index == 1000
     assert [c.last for c in chunks] == [False, False, True]
 
@@ -200,7 +208,8 @@ def test_empty_engine(stores, tmp_path):
     store = stores()
     path = str(tmp_path / "raft.dump")
     write_snapshot(store, path)
-    assert read_header(path) == {"raft": RAFT_DATA, "registry": {}, "engine_index": 0, "sessions": b"\x80"}
+    assert read_header(path) == {"raft": RAFT_DATA, "registry": {}, "engine_index": 0, "sessions": b"\x80",
+                                 "revision": 0, "records": True}
     chunks, pairs = read_pairs(path, 0)
     assert pairs == []
     assert len(chunks) == 1 and chunks[0].last
@@ -216,8 +225,7 @@ def test_full_round_trip_into_another_engine(stores, tmp_path):
 
     target = stores("target.db")
     fill(target, {b"stale": b"must disappear", b"alpha": b"old"}, 3)
-    header = read_header(path)
-    resp = EngineApplier(target).stub.Restore(_chunks(path, header["engine_index"]))
+    resp = EngineApplier(target).stub.Restore(restore_chunks(path))
     assert resp.success, resp.error
     assert resp.applied_index == 77 and target.applied_index == 77
     assert target.get(b"stale") is None
@@ -333,8 +341,7 @@ def test_dedup_table_travels_with_the_snapshot(stores, tmp_path):
     write_snapshot(source, path)
 
     target = stores("target.db")
-    header = read_header(path)
-    resp = EngineApplier(target).stub.Restore(_chunks(path, header["engine_index"], header["sessions"]))
+    resp = EngineApplier(target).stub.Restore(restore_chunks(path))
     assert resp.success, resp.error
     retry = Proposal("client-a", 5, 5, (Write("SET", b"counter", b"2"),))
     target.apply([(41, [retry])])
@@ -396,3 +403,59 @@ def test_a_snapshot_installed_meanwhile_cancels_the_background_one(stores, tmp_p
         _time.sleep(0.01)
     assert state == SERIALIZER_STATE.FAILED
     assert open(dump, "rb").read() == leader_bytes
+
+
+# -- metadata ---------------------------------------------------------------------------------------
+
+def test_revision_and_key_metadata_travel_with_the_snapshot(stores, tmp_path):
+    """A node restored from a snapshot serves the same create/mod revisions, versions and
+    store revision as the node that wrote it, and remembered request outcomes too."""
+    from storage_engine.commands import Proposal, TxnRequest
+    from storage_engine.txn import PUT, RequestIdentity, Txn, TxnOp
+
+    source = stores("source.db")
+    source.apply([(1, [Write("SET", b"a", b"1"), Write("SET", b"b", b"1")]),
+                  (2, [Write("SET", b"a", b"2"), Write("DELETE", b"b"), Write("SET", b"b", b"again")])])
+    txn = Txn((TxnOp(PUT, b"c", b"v", expect_version=0),))
+    source.apply([(3, [Proposal("engine:x", 1, 1, (TxnRequest(txn, RequestIdentity("cli", 4, 4)),))])])
+    path = str(tmp_path / "raft.dump")
+    write_snapshot(source, path)
+    assert read_header(path)["revision"] == source.revision == 6
+
+    target = stores("target.db")
+    resp = EngineApplier(target).stub.Restore(restore_chunks(path))
+    assert resp.success, resp.error
+    assert target.revision == 6
+    for k in (b"a", b"b", b"c"):
+        assert target.get_entry(k) == source.get_entry(k)
+    assert (target.get_entry(b"a").version, target.get_entry(b"a").create_revision,
+            target.get_entry(b"a").mod_revision) == (2, 1, 3)
+    assert target.get_entry(b"b").version == 1 and target.get_entry(b"b").create_revision == 5
+    # the request's outcome was restored with the sessions: a retry answers it, changes nothing
+    got = []
+    target.set_outcome_sink("engine:y", lambda seq, index, outs: got.append(outs))
+    target.apply([(4, [Proposal("engine:y", 1, 1, (TxnRequest(txn, RequestIdentity("cli", 4, 4)),))])])
+    (dup,) = got[0]
+    assert dup.duplicate and dup.succeeded and dup.revision == 6 and dup.results[0].version == 1
+    assert target.revision == 6
+
+
+def test_a_snapshot_file_of_the_older_format_restores_plain_values(stores, tmp_path):
+    """Files written before per-key metadata (no "records" in the header) hold plain values."""
+    import pickle
+    path = str(tmp_path / "old.dump")
+    header = pickle.dumps({"raft": RAFT_DATA, "registry": {}, "engine_index": 9, "sessions": b"\x80"}, protocol=4)
+    body = MAGIC + struct.pack(">I", len(header)) + header
+    for k, v in [(b"a", b"1"), (b"b", b"")]:
+        body += struct.pack(">II", len(k), len(v)) + k + v
+    body += struct.pack(">II", 0xFFFFFFFF, 0)
+    with open(path, "wb") as f:
+        f.write(body + struct.pack(">I", zlib.crc32(body)))
+    target = stores("target.db")
+    resp = EngineApplier(target).stub.Restore(restore_chunks(path))
+    assert resp.success, resp.error
+    assert target.applied_index == 9 and target.revision == 0
+    assert target.get(b"a") == b"1" and target.get(b"b") == b""
+    assert target.get_entry(b"a").version == 1
+    target.apply([(10, [Write("SET", b"a", b"2")])])
+    assert target.get_entry(b"a").version == 2 and target.get_entry(b"a").mod_revision == 1

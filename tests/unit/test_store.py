@@ -11,7 +11,7 @@ import os
 import pytest
 
 from storage_engine.commands import Write
-from storage_engine.store import Store
+from storage_engine.store import Store, pack_record, unpack_record
 
 
 def SET(key: bytes, value: bytes) -> Write:
@@ -26,8 +26,17 @@ def contents(store: Store) -> dict[bytes, bytes]:
     """Everything the store holds, read through the snapshot path (i.e. from LevelDB)."""
     out: dict[bytes, bytes] = {}
     for _, chunk in store.iter_snapshot():
-        out.update(chunk)
+        out.update((k, unpack_record(r)[3]) for k, r in chunk)
     return out
+
+
+def values(chunk: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(k, unpack_record(r)[3]) for k, r in chunk]
+
+
+def recs(pairs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Plain (key, value) pairs as snapshot records of fresh keys (version 1 at revision 1)."""
+    return [(k, pack_record(1, 1, 1, v)) for k, v in pairs]
 
 
 @pytest.fixture
@@ -240,14 +249,14 @@ def test_iter_snapshot_chunks_in_key_order(open_store):
     assert [idx for idx, _ in chunks] == [9, 9, 9]
     assert [len(c) for _, c in chunks] == [2, 2, 1]
     assert [k for _, c in chunks for k, _ in c] == [b"00", b"01", b"02", b"03", b"04"]
-    assert dict(p for _, c in chunks for p in c)[b"03"] == b"v3"
+    assert dict(p for _, c in chunks for p in values(c))[b"03"] == b"v3"
 
 
 def test_iter_snapshot_exact_multiple_and_empty(open_store):
     s = open_store()
     assert list(s.iter_snapshot()) == [(0, [])]
     s.apply([(1, [SET(b"a", b"1"), SET(b"b", b"2")])])
-    assert list(s.iter_snapshot(chunk_keys=2)) == [(1, [(b"a", b"1"), (b"b", b"2")]), (1, [])]
+    assert [(i, values(c)) for i, c in s.iter_snapshot(chunk_keys=2)] == [(1, [(b"a", b"1"), (b"b", b"2")]), (1, [])]
 
 
 def test_iter_snapshot_is_a_consistent_view(open_store):
@@ -255,14 +264,14 @@ def test_iter_snapshot_is_a_consistent_view(open_store):
     s.apply([(5, [SET(b"k%d" % i, b"old") for i in range(6)])])
     it = s.iter_snapshot(chunk_keys=2)
     first_index, first = next(it)
-    assert first_index == 5 and first == [(b"k0", b"old"), (b"k1", b"old")]
+    assert first_index == 5 and values(first) == [(b"k0", b"old"), (b"k1", b"old")]
     # Writes applied while the snapshot is being streamed:
     s.apply([(6, [SET(b"k3", b"new"), DEL(b"k4"), SET(b"k9", b"added")]), (7, [DEL(b"k5")])])
     rest = list(it)
     assert {idx for idx, _ in rest} == {5}
-    seen = dict(first)
+    seen = dict(values(first))
     for _, chunk in rest:
-        seen.update(chunk)
+        seen.update(values(chunk))
     assert seen == {b"k%d" % i: b"old" for i in range(6)}
     # ... while a new snapshot, and the store itself, see them
     assert s.get(b"k3") == b"new" and s.get(b"k4") is None
@@ -280,8 +289,8 @@ def test_restore_replaces_the_whole_content(open_store, db_path):
     s = open_store()
     s.apply([(5, [SET(b"a", b"1"), SET(b"b", b"2"), SET(b"shared", b"old")])])
     r = s.begin_restore()
-    r.add([(b"c", b"3"), (b"shared", b"new")])
-    r.add([(b"\x00bin", b"\xff"), (b"empty", b"")])
+    r.add(recs([(b"c", b"3"), (b"shared", b"new")]))
+    r.add_plain([(b"\x00bin", b"\xff"), (b"empty", b"")])
     r.commit(42)
     expected = {b"c": b"3", b"shared": b"new", b"\x00bin": b"\xff", b"empty": b""}
     assert s.applied_index == 42
@@ -299,7 +308,7 @@ def test_store_keeps_working_after_restore(open_store):
     s = open_store()
     s.apply([(5, [SET(b"a", b"1")])])
     r = s.begin_restore()
-    r.add([(b"b", b"2")])
+    r.add(recs([(b"b", b"2")]))
     r.commit(10)
     assert s.apply([(9, [SET(b"stale", b"x")]), (10, [DEL(b"b")])]) == 10   # replays skipped
     assert s.apply([(11, [SET(b"c", b"3")])]) == 11
@@ -321,7 +330,7 @@ def test_restore_abort_keeps_the_old_state(open_store, db_path):
     s = open_store()
     s.apply([(5, [SET(b"a", b"1"), SET(b"b", b"2")])])
     r = s.begin_restore()
-    r.add([(b"z", b"26")])
+    r.add(recs([(b"z", b"26")]))
     r.abort()
     assert s.applied_index == 5
     assert contents(s) == {b"a": b"1", b"b": b"2"}
@@ -336,10 +345,10 @@ def test_restore_abort_keeps_the_old_state(open_store, db_path):
 def test_a_second_restore_starts_from_scratch(open_store):
     s = open_store()
     r = s.begin_restore()
-    r.add([(b"from-first-attempt", b"x")])
+    r.add(recs([(b"from-first-attempt", b"x")]))
     r.abort()
     r = s.begin_restore()
-    r.add([(b"only", b"1")])
+    r.add(recs([(b"only", b"1")]))
     r.commit(3)
     assert contents(s) == {b"only": b"1"}
 
@@ -384,3 +393,112 @@ def test_swap_interrupted_after_moving_the_new_db_in_keeps_the_new_db(open_store
     s = open_store()
     assert s.applied_index == 20
     assert contents(s) == {b"new": b"1"}
+
+
+# -- metadata and the store revision ----------------------------------------------------------
+
+def test_revision_and_key_metadata_survive_reopen(open_store):
+    s = open_store()
+    s.apply([(1, [SET(b"a", b"1"), SET(b"b", b"1")]), (2, [SET(b"a", b"2"), DEL(b"b"), DEL(b"b")])])
+    assert s.revision == 4
+    s = reopen(s, open_store)
+    assert s.revision == 4
+    e = s.get_entry(b"a")
+    assert (e.key, e.value, e.create_revision, e.mod_revision, e.version) == (b"a", b"2", 1, 3, 2)
+    assert s.get_entry(b"b") is None
+    # replayed entries do not bump it again
+    s.apply([(2, [SET(b"a", b"x")])])
+    assert s.revision == 4 and s.get_entry(b"a").version == 2
+
+
+# -- scan -------------------------------------------------------------------------------------
+
+def scan_keys(s: Store, start: bytes, end: bytes | None, limit: int) -> tuple[list[bytes], bool]:
+    kvs, more = s.scan(start, end, limit)
+    return [m.key for m in kvs], more
+
+
+@pytest.fixture
+def scanned(open_store):
+    s = open_store()
+    keys = [b"a", b"a\x00", b"ab", b"abc", b"b", b"b\xff", b"c", b"\x00", b"\xff\xff"]
+    s.apply([(1, [SET(k, b"v-" + k) for k in keys])])
+    return s, sorted(keys)
+
+
+def test_scan_is_in_bytewise_order_with_an_exclusive_end(scanned):
+    s, keys = scanned
+    assert scan_keys(s, b"", None, 100) == (keys, False)
+    assert scan_keys(s, b"a", b"b", 100) == ([b"a", b"a\x00", b"ab", b"abc"], False)
+    assert scan_keys(s, b"ab", b"abc", 100) == ([b"ab"], False)
+    assert scan_keys(s, b"b", b"b", 100) == ([], False)
+    assert scan_keys(s, b"zz", None, 100) == ([b"\xff\xff"], False)
+
+
+def test_scan_limit_and_continuation_cover_every_key_once(scanned):
+    s, keys = scanned
+    assert scan_keys(s, b"", None, 3) == (keys[:3], True)
+    assert scan_keys(s, b"", None, len(keys)) == (keys, False)
+    seen, start = [], b""
+    while True:
+        page, more = scan_keys(s, start, None, 2)
+        seen += page
+        if not more:
+            break
+        start = page[-1] + b"\x00"          # strictly after the last key
+    assert seen == keys
+
+
+def test_scan_returns_values_metadata_or_keys_only(scanned):
+    s, _ = scanned
+    s.apply([(2, [SET(b"ab", b"new")])])
+    (m,), more = s.scan(b"ab", b"abc", 10)
+    assert (m.key, m.value, m.create_revision, m.mod_revision, m.version) == (b"ab", b"new", 3, 10, 2)   # 3rd key written
+    (m,), _ = s.scan(b"ab", b"abc", 10, keys_only=True)
+    assert m.value == b"" and m.version == 2
+
+
+def test_scan_with_a_prefix_end(scanned):
+    from storage_engine.store import prefix_end
+    s, _ = scanned
+    assert prefix_end(b"ab") == b"ac" and prefix_end(b"a\xff") == b"b" and prefix_end(b"\xff\xff") is None
+    assert scan_keys(s, b"a", prefix_end(b"a"), 100) == ([b"a", b"a\x00", b"ab", b"abc"], False)
+    assert scan_keys(s, b"\xff", prefix_end(b"\xff"), 100) == ([b"\xff\xff"], False)
+
+
+def test_scan_never_sees_the_stores_own_keys(open_store):
+    s = open_store()
+    s.apply([(1, [SET(b"x", b"1")]), (2, [])])
+    assert scan_keys(s, b"", None, 100) == ([b"x"], False)
+
+
+# -- backup view --------------------------------------------------------------------------------
+
+def test_backup_view_is_one_snapshot_and_encodes_the_file(open_store):
+    import io
+    from raftkv import backup
+    s = open_store()
+    s.apply([(3, [SET(b"k%d" % i, b"v%d" % i) for i in range(5)]), (4, [SET(b"k0", b"again")])])
+    view = s.iter_backup(node="n1")
+    s.apply([(5, [SET(b"k9", b"later"), DEL(b"k1")])])        # after the snapshot
+    assert (view.applied_index, view.revision) == (4, 6)
+    data = b"".join(view)
+    header, records = backup.read(io.BytesIO(data))
+    assert (header.applied_index, header.revision, header.node) == (4, 6, "n1")
+    got = [(r.key, r.value, r.create_revision, r.mod_revision, r.version) for r in records]
+    assert got[0] == (b"k0", b"again", 1, 6, 2)
+    assert [g[0] for g in got] == [b"k%d" % i for i in range(5)]
+    assert list(s.iter_backup().records())[-1] == (b"k9", b"later", 7, 7, 1)
+
+
+def test_backup_view_can_be_closed_early(open_store):
+    s = open_store()
+    s.apply([(1, [SET(b"k%04d" % i, b"v") for i in range(3000)])])
+    chunks = iter(s.iter_backup())
+    next(chunks)
+    next(chunks)
+    chunks.close()    # a client that went away: the snapshot is released
+    view = s.iter_backup()
+    view.close()
+    with pytest.raises(ValueError, match="closed"):
+        list(view.records())
