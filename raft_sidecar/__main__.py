@@ -11,6 +11,7 @@ import time
 import grpc
 from aiohttp import web
 
+from raftkv import grpc_tls
 from raftkv.pb import consensus_pb2_grpc as pb_grpc
 
 from . import fresh_start, joiner, shutdown
@@ -79,7 +80,8 @@ async def serve(cfg: SidecarConfig) -> int:
     except DurableError as exc:
         raise SystemExit(f"refusing to start: {exc}")
     loop = asyncio.get_running_loop()
-    applier = Applier(cfg.app_addr, cfg.apply_fail_timeout)
+    log.info("%s", cfg.grpc_tls.describe())
+    applier = Applier(cfg.app_addr, cfg.apply_fail_timeout, tls=cfg.grpc_tls)
     engine_index = await loop.run_in_executor(None, applier.connect, time.monotonic() + ENGINE_WAIT)
     log.info("engine at %s has applied index %d", cfg.app_addr, engine_index)
     applier.start()
@@ -100,9 +102,9 @@ async def serve(cfg: SidecarConfig) -> int:
     pb_grpc.add_RaftNodeServicer_to_server(RaftNodeService(cfg, node, applier), grpc_server)
     grpc_addr = f"{cfg.grpc_host}:{cfg.grpc_port}"
     try:
-        if grpc_server.add_insecure_port(grpc_addr) == 0:
+        if grpc_tls.add_port(grpc_server, grpc_addr, cfg.grpc_tls) == 0:
             raise RuntimeError("port in use")
-    except RuntimeError as exc:
+    except (RuntimeError, grpc_tls.GrpcTLSError) as exc:
         log.error("cannot listen for gRPC on %s: %s", grpc_addr, exc)
         node.destroy()
         return 1

@@ -21,6 +21,7 @@ from typing import Callable
 
 import grpc
 
+from raftkv import grpc_tls
 from raftkv.pb import consensus_pb2 as pb
 from raftkv.pb import consensus_pb2_grpc as pb_grpc
 
@@ -32,8 +33,9 @@ APPLY_RPC_TIMEOUT = 5.0
 
 class Applier:
     def __init__(self, app_addr: str, fail_timeout: float,
-                 fail_stop: Callable[[str], None] | None = None) -> None:
-        self._channel = grpc.insecure_channel(app_addr, options=[
+                 fail_stop: Callable[[str], None] | None = None,
+                 tls: grpc_tls.GrpcTLS = grpc_tls.GrpcTLS()) -> None:
+        self._channel = grpc_tls.sync_channel(app_addr, tls, options=[
             ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
         self.stub = pb_grpc.StateMachineStub(self._channel)
         # ApplyEntries with a pre-encoded request: the committed commands are already

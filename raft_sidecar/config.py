@@ -7,6 +7,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from raftkv import grpc_tls
+from raftkv.grpc_tls import GrpcTLS
 from raftkv.secretfile import SecretError, resolve_secret
 
 
@@ -27,6 +29,8 @@ class SidecarConfig:
     cluster_token: str | None = field(default=None, repr=False)
     raft_secret: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
+    # TLS on the RaftNode server and the channel to the engine (raftkv/grpc_tls.py).
+    grpc_tls: GrpcTLS = GrpcTLS()
     # Raft timing. Election timeouts sit well above the 100 ms heartbeat so that a
     # busy 2-core machine does not cause spurious elections (note §9).
     raft_min_timeout: float = 1.0
@@ -122,6 +126,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Sid
                    help="exit (fail-stop) if the engine refuses committed entries this long")
     p.add_argument("--join-tries", type=int, default=20)
     p.add_argument("--join-interval", type=float, default=2.0)
+    grpc_tls.add_arguments(p, env, peer="engine's StateMachine")
     a = p.parse_args(_go_style(argv))
 
     advertise = a.advertise
@@ -140,6 +145,10 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Sid
                                                      env_var="RAFT_SECRET")
     except SecretError as exc:
         p.error(str(exc))
+    try:
+        tls = grpc_tls.from_args(a.grpc_tls_cert_file, a.grpc_tls_key_file, a.grpc_tls_ca_file)
+    except grpc_tls.GrpcTLSError as exc:
+        p.error(str(exc))
     return SidecarConfig(
         node_id=a.id, raft_port=a.raft, grpc_port=a.srv, app_addr=a.app, mgmt_port=a.mgmt,
         bootstrap=a.bootstrap, data_dir=a.data, join_addr=a.join, advertise=advertise,
@@ -149,7 +158,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Sid
         connection_timeout=max(3.5, hi + 1.0), leader_fallback_timeout=max(3.0, hi * 1.5),
         compact_entries=a.compact_entries, compact_seconds=a.compact_seconds,
         propose_timeout=a.propose_timeout, apply_fail_timeout=a.apply_fail_timeout,
-        join_tries=a.join_tries, join_interval=a.join_interval,
+        join_tries=a.join_tries, join_interval=a.join_interval, grpc_tls=tls,
         notices=tuple(token_notices + secret_notices),
     )
 

@@ -11,6 +11,7 @@ import sys
 import grpc
 from aiohttp import web
 
+from raftkv import grpc_tls
 from raftkv.pb import consensus_pb2_grpc as pb_grpc
 
 from .config import EngineConfig, parse_args, setup_logging
@@ -52,9 +53,9 @@ async def serve(cfg: EngineConfig) -> int:
     pb_grpc.add_StateMachineServicer_to_server(StateMachineService(store), server)
     grpc_addr = f"{cfg.grpc_host}:{cfg.grpc_port}"
     try:
-        if server.add_insecure_port(grpc_addr) == 0:
+        if grpc_tls.add_port(server, grpc_addr, cfg.grpc_tls) == 0:
             raise RuntimeError("port in use")
-    except RuntimeError as exc:
+    except (RuntimeError, grpc_tls.GrpcTLSError) as exc:
         log.error("cannot listen for gRPC on %s: %s", grpc_addr, exc)
         store.close()
         return 1
@@ -66,6 +67,7 @@ async def serve(cfg: EngineConfig) -> int:
         store.close()
         return 1
     await server.start()
+    log.info("%s", cfg.grpc_tls.describe())
     raft = RaftClient(cfg, store)
     await raft.start()
     runner = web.AppRunner(ClientAPI(cfg, store, raft).app(), access_log=None, shutdown_timeout=5.0)

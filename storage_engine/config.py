@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from raftkv import grpc_tls
+from raftkv.grpc_tls import GrpcTLS
 from raftkv.secretfile import SecretError, resolve_secret
 
 DEFAULT_MAX_VALUE_BYTES = 1 << 20
@@ -38,6 +40,8 @@ class EngineConfig:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     max_concurrent_requests: int = 1024
+    # TLS on the StateMachine server and the channel to the sidecar (raftkv/grpc_tls.py).
+    grpc_tls: GrpcTLS = GrpcTLS()
     # Warnings found while parsing, logged by main() once logging is set up.
     notices: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
@@ -95,6 +99,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Eng
     p.add_argument("--tls-key-file", default=None, help="private key (PEM) for --tls-cert-file")
     p.add_argument("--max-concurrent-requests", type=int, default=1024,
                    help="client requests handled at once; beyond it clients get 429 (/v1) or 503 at once")
+    grpc_tls.add_arguments(p, env, peer="sidecar's RaftNode")
     a = p.parse_args(list(argv))
     if a.max_value_bytes <= 0 or a.max_key_bytes <= 0:
         p.error("size limits must be positive")
@@ -109,6 +114,10 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Eng
                                                env_var="RAFTKV_CLIENT_TOKEN")
     except SecretError as exc:
         p.error(str(exc))
+    try:
+        tls = grpc_tls.from_args(a.grpc_tls_cert_file, a.grpc_tls_key_file, a.grpc_tls_ca_file)
+    except grpc_tls.GrpcTLSError as exc:
+        p.error(str(exc))
     return EngineConfig(
         http_port=a.http_port, grpc_port=a.grpc_port, sidecar_port=a.sidecar_port,
         db_path=a.db_path, http_host=a.http_host, grpc_host=a.grpc_host,
@@ -119,7 +128,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Eng
         max_scan_limit=a.max_scan_limit, max_txn_ops=a.max_txn_ops,
         client_token=client_token, metrics_public=a.metrics_public,
         tls_cert_file=a.tls_cert_file, tls_key_file=a.tls_key_file,
-        max_concurrent_requests=a.max_concurrent_requests, notices=tuple(notices),
+        max_concurrent_requests=a.max_concurrent_requests, grpc_tls=tls, notices=tuple(notices),
     )
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Union
 
 import grpc
 
+from raftkv import grpc_tls
 from raftkv.pb import consensus_pb2 as pb
 from raftkv.pb import consensus_pb2_grpc as pb_grpc
 
@@ -78,7 +79,7 @@ class RaftClient:
     def __init__(self, cfg: EngineConfig, store: Store | None = None) -> None:
         self._cfg = cfg
         self._store = store
-        self._channel = grpc.aio.insecure_channel(cfg.sidecar_target)
+        self._channel = grpc_tls.aio_channel(cfg.sidecar_target, cfg.grpc_tls)
         self._stub = pb_grpc.RaftNodeStub(self._channel)
         self._pending: list[_Waiter] = []
         self._wakeup = asyncio.Event()

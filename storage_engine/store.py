@@ -75,6 +75,15 @@ class ApplyStats:
     duplicates: int = 0   # proposals/requests skipped because their (client, seq) was applied
 
 
+class StoreUnavailable(RuntimeError):
+    """A write failed and LevelDB could not be reopened since (e.g. the disk is still full)."""
+
+
+def _reason(exc: BaseException) -> str:
+    arg = exc.args[0] if exc.args else exc
+    return arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg)
+
+
 class Store:
     """The engine's data: a dict of records in memory, LevelDB underneath."""
 
@@ -89,6 +98,7 @@ class Store:
         self.stats = ApplyStats()
         self._sink_client: str | None = None
         self._sink: OutcomeSink | None = None
+        self._broken: str | None = None   # why the last write failed, until a reopen succeeds
         try:
             self._load()
         except BaseException:
@@ -143,16 +153,43 @@ class Store:
         Proposal or request whose (client, seq) was already applied is skipped
         (a retry); a skipped request is answered with its first outcome.
         """
+        if self._broken is not None and not self._reopen():
+            raise StoreUnavailable(f"{self._broken} (the store at {self.path} could not be reopened since)")
         fresh = [(i, list(items)) for i, items in entries if i > self.applied_index]
         self.stats.skipped += len(entries) - len(fresh)
         if not fresh:
             return self.applied_index
         try:
             return self._apply_fresh(fresh)
+        except plyvel.Error as exc:
+            self._broken = _reason(exc)
+            # A failed write (a full disk) may leave a partial record at the end of
+            # LevelDB's log, and later writes on the same handle would land after it,
+            # where recovery reports corruption. Reopening now recovers the log while
+            # the partial record is its tail (dropped cleanly); memory is reloaded from
+            # disk, which is the truth (first from the old handle, in case the reopen fails).
+            self._load()
+            self._reopen()
+            raise
         except Exception:
             # Memory may be ahead of disk now; the disk is the truth.
             self._load()
             raise
+
+    def _reopen(self) -> bool:
+        try:
+            self._db.close()
+            self._db = plyvel.DB(self.path, create_if_missing=False)
+            self._load()
+        except (plyvel.Error, OSError) as exc:
+            # Still failing (no space even to recover): every later apply retries the
+            # reopen and fails with the first write's reason, so the sidecar fail-stops
+            # naming it; nothing is acknowledged meanwhile.
+            log.error("cannot reopen the LevelDB store %s after a failed write (%s): %s",
+                      self.path, self._broken, _reason(exc))
+            return False
+        self._broken = None
+        return True
 
     def _apply_fresh(self, fresh: list[tuple[int, list[Item | Proposal]]]) -> int:
         last = self.applied_index
