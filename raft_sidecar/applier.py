@@ -8,7 +8,6 @@ everything that answers a client waits on `processed` here, not on PySyncObj.
 """
 from __future__ import annotations
 
-import ast
 import asyncio
 import collections
 import heapq
@@ -189,13 +188,7 @@ def encode_apply_entries(entries: list[tuple[int, bytes]]) -> bytes:
 
 
 def engine_error(text: str) -> str:
-    """The engine's refusal, readable: LevelDB errors arrive as the repr of bytes
-    (b'IO error: ...'); a full disk says so and how to recover."""
-    if len(text) >= 3 and text[0] == "b" and text[1] in "'\"" and text[-1] == text[1]:
-        try:
-            text = ast.literal_eval(text).decode(errors="replace")
-        except (ValueError, SyntaxError, AttributeError):
-            pass
+    """The engine's refusal; a full disk says so and how to recover."""
     if "No space left on device" in text or "Disk quota exceeded" in text:
         text += (" (the engine's disk is full: this node stops applying instead of skipping the entries; "
                  "free space, then restart the node's engine and sidecar: they replay from the engine's "

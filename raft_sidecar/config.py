@@ -145,10 +145,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Sid
                                                      env_var="RAFT_SECRET")
     except SecretError as exc:
         p.error(str(exc))
-    try:
-        tls = grpc_tls.from_args(a.grpc_tls_cert_file, a.grpc_tls_key_file, a.grpc_tls_ca_file)
-    except grpc_tls.GrpcTLSError as exc:
-        p.error(str(exc))
+    tls = grpc_tls.from_parsed(p, a)
     return SidecarConfig(
         node_id=a.id, raft_port=a.raft, grpc_port=a.srv, app_addr=a.app, mgmt_port=a.mgmt,
         bootstrap=a.bootstrap, data_dir=a.data, join_addr=a.join, advertise=advertise,

@@ -27,6 +27,7 @@ import urllib3
 from . import _transfer, _wire
 from ._core import (MGMT, READ, WRITE, Answer, ClientOptions, Core, Failure, Request, run_async,
                     run_sync)
+from . import _CLIENT_NAMES
 from ._endpoints import resolve as resolve_endpoints
 from ._errors import (BadRange, BadRequest, CompareFailed, CurrentMeta, Forbidden, InternalError,
                       NotFound, OutcomeUnknown, Overloaded, ProtocolError, RaftKVError,
@@ -34,14 +35,7 @@ from ._errors import (BadRange, BadRequest, CompareFailed, CurrentMeta, Forbidde
 from ._types import (BackupInfo, Bytesish, DeleteOp, DeleteResult, KeyValue, Member, NodeStatus,
                      Page, PutOp, PutResult, RestoreInfo, TxnOp, TxnResult)
 
-__all__ = [
-    "Client", "AsyncClient", "ClientOptions",
-    "KeyValue", "PutResult", "DeleteResult", "Page", "PutOp", "DeleteOp", "TxnResult",
-    "Member", "NodeStatus", "BackupInfo", "RestoreInfo",
-    "RaftKVError", "BadRequest", "BadRange", "NotFound", "CompareFailed", "CurrentMeta",
-    "TooLarge", "Unauthorized", "Forbidden", "Overloaded", "Unavailable", "OutcomeUnknown",
-    "InternalError", "ProtocolError", "RestoreError",
-]
+__all__ = sorted(_CLIENT_NAMES)  # the names `raftkv` exports lazily
 
 Progress = Callable[[int, "int | None"], None]  # (done, total) for backup bytes / restore keys
 

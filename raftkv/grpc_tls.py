@@ -9,6 +9,8 @@ with the same messages, and both `__main__`s build credentials the same way.
 """
 from __future__ import annotations
 
+import argparse
+
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -83,6 +85,14 @@ def from_args(cert_file: str | None, key_file: str | None, ca_file: str | None) 
         if path:
             read_pem(path, what)
     return tls
+
+
+def from_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> GrpcTLS:
+    """from_args for a parsed command line; a bad combination or file is a usage error."""
+    try:
+        return from_args(args.grpc_tls_cert_file, args.grpc_tls_key_file, args.grpc_tls_ca_file)
+    except GrpcTLSError as exc:
+        parser.error(str(exc))
 
 
 def add_port(server: grpc.aio.Server, addr: str, tls: GrpcTLS) -> int:

@@ -114,10 +114,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Eng
                                                env_var="RAFTKV_CLIENT_TOKEN")
     except SecretError as exc:
         p.error(str(exc))
-    try:
-        tls = grpc_tls.from_args(a.grpc_tls_cert_file, a.grpc_tls_key_file, a.grpc_tls_ca_file)
-    except grpc_tls.GrpcTLSError as exc:
-        p.error(str(exc))
+    tls = grpc_tls.from_parsed(p, a)
     return EngineConfig(
         http_port=a.http_port, grpc_port=a.grpc_port, sidecar_port=a.sidecar_port,
         db_path=a.db_path, http_host=a.http_host, grpc_host=a.grpc_host,

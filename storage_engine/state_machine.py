@@ -15,7 +15,7 @@ from raftkv.pb import consensus_pb2 as pb
 from raftkv.pb import consensus_pb2_grpc as pb_grpc
 
 from .commands import decode_proposal
-from .store import Store
+from .store import Store, error_text
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class StateMachineService(pb_grpc.StateMachineServicer):
             index = self._store.apply(entries)
         except Exception as exc:  # a LevelDB failure must reach the sidecar, which fail-stops
             log.exception("apply failed")
-            return pb.ApplyResponse(success=False, applied_index=self._store.applied_index, error=str(exc))
+            return pb.ApplyResponse(success=False, applied_index=self._store.applied_index, error=error_text(exc))
         return pb.ApplyResponse(success=True, applied_index=index)
 
     async def AppliedIndex(self, request: pb.Empty, context: grpc.aio.ServicerContext) -> pb.ApplyResponse:
@@ -84,6 +84,6 @@ class StateMachineService(pb_grpc.StateMachineServicer):
             except Exception as exc:
                 restore.abort()
                 log.exception("restore failed; keeping the old state")
-                return pb.ApplyResponse(success=False, applied_index=self._store.applied_index, error=str(exc))
+                return pb.ApplyResponse(success=False, applied_index=self._store.applied_index, error=error_text(exc))
         log.info("restored snapshot at index %d (%d keys)", self._store.applied_index, len(self._store))
         return pb.ApplyResponse(success=True, applied_index=self._store.applied_index)

@@ -79,7 +79,8 @@ class StoreUnavailable(RuntimeError):
     """A write failed and LevelDB could not be reopened since (e.g. the disk is still full)."""
 
 
-def _reason(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
+    """plyvel errors carry LevelDB's message as bytes; str() would give their repr."""
     arg = exc.args[0] if exc.args else exc
     return arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg)
 
@@ -162,7 +163,7 @@ class Store:
         try:
             return self._apply_fresh(fresh)
         except plyvel.Error as exc:
-            self._broken = _reason(exc)
+            self._broken = error_text(exc)
             # A failed write (a full disk) may leave a partial record at the end of
             # LevelDB's log, and later writes on the same handle would land after it,
             # where recovery reports corruption. Reopening now recovers the log while
@@ -186,7 +187,7 @@ class Store:
             # reopen and fails with the first write's reason, so the sidecar fail-stops
             # naming it; nothing is acknowledged meanwhile.
             log.error("cannot reopen the LevelDB store %s after a failed write (%s): %s",
-                      self.path, self._broken, _reason(exc))
+                      self.path, self._broken, error_text(exc))
             return False
         self._broken = None
         return True
