@@ -156,7 +156,7 @@ async def stop_gracefully(node: RaftKVNode, applier: Applier, runner: web.AppRun
     node.destroy()
     # With the engine gone the applier can only be retrying a delivery: nothing to wait for.
     applier_wait = 0.2 if engine_gone else min(1.0, max(deadline - time.monotonic(), 0.1))
-    shutdown.stop_thread_bounded(applier.stop, applier_wait, "applier")
+    await applier.stop(applier_wait)
     log.info("stopped")
 
 

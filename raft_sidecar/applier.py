@@ -2,9 +2,11 @@
 
 PySyncObj runs replicated methods on its one tick thread; a slow or failing gRPC
 call there would stop heartbeats and votes (note §9, H6). So the replicated method
-only hands (index, command) to this applier, whose thread batches runs of entries
-into one ApplyEntries call. "Committed" therefore comes before "applied", and
-everything that answers a client waits on `processed` here, not on PySyncObj.
+only hands (index, command) to this applier, a task on the sidecar's event loop
+that batches runs of entries into one request on a long-lived ApplyStream (a
+message on an open stream costs about half of a unary call). "Committed"
+therefore comes before "applied", and everything that answers a client waits on
+`processed` here, not on PySyncObj.
 """
 from __future__ import annotations
 
@@ -28,20 +30,21 @@ log = logging.getLogger(__name__)
 
 MAX_ENTRIES_PER_CALL = 256
 APPLY_RPC_TIMEOUT = 5.0
+_CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
 
 class Applier:
     def __init__(self, app_addr: str, fail_timeout: float,
                  fail_stop: Callable[[str], None] | None = None,
                  tls: grpc_tls.GrpcTLS = grpc_tls.GrpcTLS()) -> None:
-        self._channel = grpc_tls.sync_channel(app_addr, tls, options=[
-            ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
+        self._app_addr = app_addr
+        self._tls = tls
+        # Blocking calls from threads (start-up, snapshots, status); deliveries use
+        # an asyncio channel on the event loop (start()).
+        self._channel = grpc_tls.sync_channel(app_addr, tls, options=_CHANNEL_OPTIONS)
         self.stub = pb_grpc.StateMachineStub(self._channel)
-        # ApplyEntries with a pre-encoded request: the committed commands are already
-        # serialized Command messages, so they are framed, never parsed and re-encoded.
-        self._apply_raw = self._channel.unary_unary(
-            "/consensus.StateMachine/ApplyEntries", request_serializer=None,
-            response_deserializer=pb.ApplyResponse.FromString)
+        self._aio_channel: grpc.aio.Channel | None = None
+        self._stream: grpc.aio.StreamStreamCall | None = None
         self._fail_timeout = fail_timeout
         self._fail_stop = fail_stop or _exit_process
         self._cond = threading.Condition()
@@ -52,7 +55,10 @@ class Applier:
         self.engine_applied = 0     # the engine's own stored index (last KV entry)
         self.submitted = 0
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="applier", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._wake_pending = False
+        self._task: asyncio.Task[None] | None = None
 
     # -- start ---------------------------------------------------------------
     def connect(self, deadline: float) -> int:
@@ -70,13 +76,28 @@ class Applier:
         raise RuntimeError(f"engine StateMachine not reachable: {last_err}")
 
     def start(self) -> None:
-        self._thread.start()
+        """Starts delivering; call on the event loop that will run the applier."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._aio_channel = grpc_tls.aio_channel(self._app_addr, self._tls, options=_CHANNEL_OPTIONS)
+        self._task = self._loop.create_task(self._run())
 
-    def stop(self) -> None:
+    async def stop(self, timeout: float) -> None:
+        """Stops delivering: waits up to `timeout` for a delivery in progress."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join(timeout=5)
+        if self._wake is not None:
+            self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), max(timeout, 0.01))
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+                log.warning("applier did not stop within %.1fs; exiting anyway", timeout)
+        self._drop_stream()
+        if self._aio_channel is not None:
+            await self._aio_channel.close()
         self._channel.close()
 
     # -- called on the Raft tick thread ------------------------------------------
@@ -84,10 +105,15 @@ class Applier:
         with self._cond:
             self._queue.append((index, command))
             self.submitted = index
+            wake = not self._wake_pending
+            self._wake_pending = True
             self._cond.notify_all()
+        if wake and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     def wait(self, index: int, timeout: float) -> bool:
-        """Blocks until `index` is reflected in the engine (serializer, deserializer)."""
+        """Blocks until `index` is reflected in the engine (serializer, deserializer).
+        Never call it on the applier's event loop."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while self.processed < index:
@@ -117,17 +143,23 @@ class Applier:
             heapq.heappush(self._waiters, (index, next(self._tiebreak), loop, fut))
         await fut
 
-    # -- the applier thread ----------------------------------------------------------
-    def _run(self) -> None:
+    # -- the applier task ------------------------------------------------------------
+    async def _run(self) -> None:
+        assert self._wake is not None
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
                 if self._stopping:
                     return
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_ENTRIES_PER_CALL))]
+                if not batch:
+                    self._wake_pending = False
+            if not batch:
+                # A submit() from now on schedules _wake.set() to run after this clear.
+                self._wake.clear()
+                await self._wake.wait()
+                continue
             entries = [(i, c) for i, c in batch if c is not None and i > self.engine_applied]
-            if entries and not self._deliver(entries):
+            if entries and not await self._deliver(entries):
                 return  # stopping: nothing past the engine's stored index is claimed applied
             with self._cond:
                 last = batch[-1][0]
@@ -136,7 +168,7 @@ class Applier:
                 self._release_waiters()
                 self._cond.notify_all()
 
-    def _deliver(self, entries: list[tuple[int, bytes]]) -> bool:
+    async def _deliver(self, entries: list[tuple[int, bytes]]) -> bool:
         """True once the engine stored the entries; False when asked to stop first."""
         request = encode_apply_entries(entries)
         first, last = entries[0][0], entries[-1][0]
@@ -144,13 +176,20 @@ class Applier:
         delay = 0.05
         while True:
             try:
-                resp = self._apply_raw(request, timeout=APPLY_RPC_TIMEOUT)
+                resp = await asyncio.wait_for(self._apply(request), APPLY_RPC_TIMEOUT)
                 if resp.success:
                     self.engine_applied = resp.applied_index
                     return True
                 problem = f"engine refused entries {first}..{last}: {engine_error(resp.error)}"
-            except grpc.RpcError as exc:
+            except grpc.aio.AioRpcError as exc:
+                self._drop_stream()
                 problem = f"engine unreachable applying {first}..{last}: {exc.code().name}"
+            except asyncio.TimeoutError:
+                self._drop_stream()
+                problem = f"engine did not answer applying {first}..{last} within {APPLY_RPC_TIMEOUT:.0f}s"
+            except _StreamClosed:
+                self._drop_stream()
+                problem = f"engine closed the apply stream applying {first}..{last}"
             if time.monotonic() - started > self._fail_timeout:
                 # Fail-stop rather than skip an entry: a restart replays from the
                 # engine's stored index, so nothing is lost or applied twice.
@@ -159,13 +198,45 @@ class Applier:
             if self._stopping:
                 return False
             log.warning("%s; retrying", problem)
-            time.sleep(delay)
+            await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
+    async def _apply(self, request: bytes) -> pb.ApplyResponse:
+        """One request and its reply on the apply stream (opened on first use and
+        after a failure). The entries are already serialized commands: framed, never
+        parsed and re-encoded."""
+        if self._stream is None:
+            assert self._aio_channel is not None
+            self._stream = self._aio_channel.stream_stream(
+                "/consensus.StateMachine/ApplyStream", request_serializer=None,
+                response_deserializer=pb.ApplyResponse.FromString)()
+        stream = self._stream
+        await stream.write(request)
+        resp = await stream.read()
+        if resp is grpc.aio.EOF:
+            raise _StreamClosed()
+        return resp
+
+    def _drop_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.cancel()
+
     def _release_waiters(self) -> None:
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
         while self._waiters and self._waiters[0][0] <= self.processed:
             _, _, loop, fut = heapq.heappop(self._waiters)
-            loop.call_soon_threadsafe(_resolve, fut)
+            if loop is current:
+                _resolve(fut)
+            else:
+                loop.call_soon_threadsafe(_resolve, fut)
+
+
+class _StreamClosed(Exception):
+    pass
 
 
 def _varint(n: int) -> bytes:

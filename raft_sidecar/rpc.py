@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 from pysyncobj import FAIL_REASON
@@ -72,6 +72,52 @@ class RaftNodeService(pb_grpc.RaftNodeServicer):
         self._applier = applier
 
     async def Propose(self, request: pb.Command, context: grpc.aio.ServicerContext) -> pb.ProposeResponse:
+        return await self._propose(request)
+
+    async def ReadBarrier(self, request: pb.ReadBarrierRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ReadBarrierResponse:
+        return await self._read_barrier(request)
+
+    async def Pipeline(self, request_iterator: AsyncIterator[pb.PipelineRequest],
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.PipelineReply]:
+        """Propose and ReadBarrier on one stream; each request runs as its own task,
+        so a slow proposal never holds up a barrier behind it."""
+        replies: asyncio.Queue[pb.PipelineReply | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.PipelineRequest) -> None:
+            kind = request.WhichOneof("body")
+            if kind == "propose":
+                reply = pb.PipelineReply(call=request.call, propose=await self._propose(request.propose))
+            elif kind == "read_barrier":
+                reply = pb.PipelineReply(call=request.call,
+                                         read_barrier=await self._read_barrier(request.read_barrier))
+            else:
+                reply = pb.PipelineReply(call=request.call, propose=pb.ProposeResponse(
+                    success=False, code=pb.BAD_REQUEST, error="empty pipeline request"))
+            replies.put_nowait(reply)
+
+        async def read_requests() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.wait(set(running))
+            finally:
+                replies.put_nowait(None)
+
+        reader = asyncio.create_task(read_requests())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    async def _propose(self, request: pb.Command) -> pb.ProposeResponse:
         if not request.batch and request.op.upper() not in ("SET", "DELETE"):
             return pb.ProposeResponse(success=False, code=pb.BAD_REQUEST, error=f"unknown op {request.op!r}")
         started = time.monotonic()
@@ -83,8 +129,7 @@ class RaftNodeService(pb_grpc.RaftNodeServicer):
             return pb.ProposeResponse(success=False, code=out.code, error=str(out))
         return pb.ProposeResponse(success=True, index=index)
 
-    async def ReadBarrier(self, request: pb.ReadBarrierRequest,
-                          context: grpc.aio.ServicerContext) -> pb.ReadBarrierResponse:
+    async def _read_barrier(self, request: pb.ReadBarrierRequest) -> pb.ReadBarrierResponse:
         started = time.monotonic()
         try:
             if request.mode == pb.LEADER:

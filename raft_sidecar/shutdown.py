@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -161,12 +160,3 @@ async def wait_engine_gone(applier: Applier, timeout: float) -> bool:
                 return True
         await asyncio.sleep(0.05)
     return False
-
-
-def stop_thread_bounded(fn: Callable[[], None], timeout: float, what: str) -> None:
-    """Runs a blocking stop call in a daemon thread and stops waiting after `timeout`."""
-    t = threading.Thread(target=fn, name=f"stop-{what}", daemon=True)
-    t.start()
-    t.join(max(timeout, 0.0))
-    if t.is_alive():
-        log.warning("%s did not stop within %.1fs; exiting anyway", what, timeout)

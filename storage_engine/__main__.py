@@ -23,6 +23,9 @@ from .store import Store
 
 log = logging.getLogger("storage_engine")
 
+# SIGTERM: how long in-flight client requests may take before they are answered 503.
+DRAIN_SECONDS = 5.0
+
 
 def tls_context(cfg: EngineConfig) -> ssl.SSLContext | None:
     """Server-side TLS for the client HTTP port (--tls-cert-file/--tls-key-file), TLS 1.2+."""
@@ -70,7 +73,7 @@ async def serve(cfg: EngineConfig) -> int:
     log.info("%s", cfg.grpc_tls.describe())
     raft = RaftClient(cfg, store)
     await raft.start()
-    runner = web.AppRunner(ClientAPI(cfg, store, raft).app(), access_log=None, shutdown_timeout=5.0)
+    runner = web.AppRunner(ClientAPI(cfg, store, raft).app(), access_log=None, shutdown_timeout=DRAIN_SECONDS)
     await runner.setup()
     try:
         await web.TCPSite(runner, cfg.http_host, cfg.http_port, backlog=1024, ssl_context=ssl_ctx).start()
@@ -90,7 +93,13 @@ async def serve(cfg: EngineConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down: draining client requests")
-    await runner.cleanup()
+    cleanup = asyncio.create_task(runner.cleanup())
+    await asyncio.wait({cleanup}, timeout=DRAIN_SECONDS)
+    if not cleanup.done():
+        # Requests still waiting on the sidecar (stopped, or no quorum) get an answer
+        # now instead of a reset connection.
+        raft.abandon("the engine is shutting down")
+    await cleanup
     await raft.close()
     await server.stop(2.0)
     store.close()

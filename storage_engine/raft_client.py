@@ -16,6 +16,7 @@ from raftkv.pb import consensus_pb2_grpc as pb_grpc
 from .commands import Item, TxnRequest, Write, encode_batch
 from .config import EngineConfig
 from .errors import ErrorKind, KVError
+from .sidecar_pipeline import PipelineError, SidecarPipeline
 from .txn import RequestIdentity, Txn, TxnResult, outcome_from_wire
 
 if TYPE_CHECKING:
@@ -60,15 +61,15 @@ def error_from_response(code: int, error: str) -> KVError:
     return KVError(kind, error or kind.value)
 
 
-def error_from_rpc(exc: grpc.aio.AioRpcError, what: str) -> KVError:
-    """A failed RPC to the local sidecar. Once the request may have left, the outcome is unknown."""
-    code = exc.code()
+def error_from_rpc(exc: PipelineError, what: str) -> KVError:
+    """A failed request to the local sidecar. Once the request may have left, the outcome is unknown."""
+    code = exc.code
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return KVError(ErrorKind.OUTCOME_UNKNOWN, f"outcome unknown: {what} timed out; it may still commit")
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return KVError(ErrorKind.OUTCOME_UNKNOWN,
-                       f"outcome unknown: the local Raft sidecar is unreachable ({exc.details()})")
-    return KVError(ErrorKind.INTERNAL, f"{what} failed: {code.name} {exc.details()}")
+                       f"outcome unknown: the local Raft sidecar is unreachable ({exc.details})")
+    return KVError(ErrorKind.INTERNAL, f"{what} failed: {code.name} {exc.details}")
 
 
 # What a request's future resolves to: the raft index for a Write, a TxnResult for a txn.
@@ -81,6 +82,7 @@ class RaftClient:
         self._store = store
         self._channel = grpc_tls.aio_channel(cfg.sidecar_target, cfg.grpc_tls)
         self._stub = pb_grpc.RaftNodeStub(self._channel)
+        self._pipeline = SidecarPipeline(self._stub)
         self._pending: list[_Waiter] = []
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_PROPOSALS)
@@ -104,7 +106,19 @@ class RaftClient:
     async def close(self) -> None:
         if self._sender:
             self._sender.cancel()
+        await self._pipeline.close()
         await self._channel.close()
+
+    def abandon(self, reason: str) -> None:
+        """Answers every waiting write now (shutdown): those never sent were not
+        applied; those sent may still commit, so their outcome is unknown."""
+        pending, self._pending = self._pending, []
+        for _, fut in pending:
+            if not fut.done():
+                fut.set_exception(KVError(ErrorKind.NOT_APPLIED, f"not applied: {reason}"))
+        for batch in self._batches.values():
+            self._settle(batch, KVError(ErrorKind.OUTCOME_UNKNOWN,
+                                        f"outcome unknown: {reason}; the write may still commit"), None)
 
     # -- writes -----------------------------------------------------------------
     async def write(self, w: Write) -> int:
@@ -234,8 +248,8 @@ class RaftClient:
             left = deadline - time.monotonic()
             epoch = self.barrier.begin()
             try:
-                resp = await self._stub.Propose(cmd, timeout=max(left, 0.05))
-            except grpc.aio.AioRpcError as exc:
+                resp = await self._pipeline.propose(cmd, timeout=max(left, 0.05))
+            except PipelineError as exc:
                 err = error_from_rpc(exc, "write")
             else:
                 if resp.success:
@@ -262,11 +276,11 @@ class RaftClient:
         while True:
             left = deadline - time.monotonic()
             try:
-                resp = await self._stub.ReadBarrier(pb.ReadBarrierRequest(mode=mode), timeout=max(left, 0.05))
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                resp = await self._pipeline.read_barrier(pb.ReadBarrierRequest(mode=mode), timeout=max(left, 0.05))
+            except PipelineError as exc:
+                if exc.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
                     raise KVError(ErrorKind.NO_QUORUM,
-                                  f"could not confirm leadership with a majority: {exc.code().name}") from None
+                                  f"could not confirm leadership with a majority: {exc.code.name}") from None
                 raise error_from_rpc(exc, "read barrier") from None
             if resp.success:
                 return resp.index

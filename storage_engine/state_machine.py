@@ -34,6 +34,14 @@ class StateMachineService(pb_grpc.StateMachineServicer):
 
     async def ApplyEntries(self, request: pb.ApplyEntriesRequest,
                            context: grpc.aio.ServicerContext) -> pb.ApplyResponse:
+        return self._apply_entries(request)
+
+    async def ApplyStream(self, request_iterator: AsyncIterator[pb.ApplyEntriesRequest],
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ApplyResponse]:
+        async for request in request_iterator:
+            yield self._apply_entries(request)
+
+    def _apply_entries(self, request: pb.ApplyEntriesRequest) -> pb.ApplyResponse:
         entries = [(e.index, [decode_proposal(c) for c in e.commands]) for e in request.entries]
         try:
             index = self._store.apply(entries)

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19raftkv/pb/consensus.proto\x12\tconsensus\"\xd4\x02\n\x07\x43ommand\x12\n\n\x02op\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04\x62key\x18\x05 \x01(\x0c\x12\x0e\n\x06\x62value\x18\x06 \x01(\x0c\x12\r\n\x05index\x18\x07 \x01(\x04\x12\x11\n\tclient_id\x18\x08 \x01(\t\x12\x0b\n\x03seq\x18\t \x01(\x04\x12!\n\x05\x62\x61tch\x18\n \x03(\x0b\x32\x12.consensus.Command\x12\r\n\x05\x66loor\x18\x0b \x01(\x04\x12\x19\n\x0c\x65xpect_value\x18\x0c \x01(\x0cH\x00\x88\x01\x01\x12\x1b\n\x0e\x65xpect_version\x18\r \x01(\x04H\x01\x88\x01\x01\x12 \n\x13\x65xpect_mod_revision\x18\x0e \x01(\x04H\x02\x88\x01\x01\x42\x0f\n\r_expect_valueB\x11\n\x0f_expect_versionB\x16\n\x14_expect_mod_revision\"d\n\x0fProposeResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x04\x12\"\n\x04\x63ode\x18\x04 \x01(\x0e\x32\x14.consensus.ErrorCode\"F\n\rApplyResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x15\n\rapplied_index\x18\x02 \x01(\x04\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"M\n\x08LogEntry\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12$\n\x08\x63ommands\x18\x03 \x03(\x0b\x32\x12.consensus.Command\";\n\x13\x41pplyEntriesRequest\x12$\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x13.consensus.LogEntry\"\x07\n\x05\x45mpty\"7\n\x12ReadBarrierRequest\x12!\n\x04mode\x18\x01 \x01(\x0e\x32\x13.consensus.ReadMode\"h\n\x13ReadBarrierResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x04\x12\"\n\x04\x63ode\x18\x04 \x01(\x0e\x32\x14.consensus.ErrorCode\"$\n\x0fSnapshotRequest\x12\x11\n\tmin_index\x18\x01 \x01(\x04\"\x87\x01\n\rSnapshotChunk\x12\x15\n\rapplied_index\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x0e\n\x06values\x18\x03 \x03(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\x10\n\x08sessions\x18\x05 \x01(\x0c\x12\x10\n\x08revision\x18\x06 \x01(\x04\x12\x0f\n\x07records\x18\x07 \x03(\x0c*w\n\tErrorCode\x12\x06\n\x02OK\x10\x00\x12\x0f\n\x0b\x42\x41\x44_REQUEST\x10\x01\x12\r\n\tNO_LEADER\x10\x02\x12\x0e\n\nOVERLOADED\x10\x03\x12\x0f\n\x0bNOT_APPLIED\x10\x04\x12\x13\n\x0fOUTCOME_UNKNOWN\x10\x05\x12\x0c\n\x08INTERNAL\x10\x06*(\n\x08ReadMode\x12\x10\n\x0cLINEARIZABLE\x10\x00\x12\n\n\x06LEADER\x10\x01\x32\x93\x01\n\x08RaftNode\x12\x39\n\x07Propose\x12\x12.consensus.Command\x1a\x1a.consensus.ProposeResponse\x12L\n\x0bReadBarrier\x12\x1d.consensus.ReadBarrierRequest\x1a\x1e.consensus.ReadBarrierResponse2\xd0\x02\n\x0cStateMachine\x12\x35\n\x05\x41pply\x12\x12.consensus.Command\x1a\x18.consensus.ApplyResponse\x12H\n\x0c\x41pplyEntries\x12\x1e.consensus.ApplyEntriesRequest\x1a\x18.consensus.ApplyResponse\x12:\n\x0c\x41ppliedIndex\x12\x10.consensus.Empty\x1a\x18.consensus.ApplyResponse\x12\x42\n\x08Snapshot\x12\x1a.consensus.SnapshotRequest\x1a\x18.consensus.SnapshotChunk0\x01\x12?\n\x07Restore\x12\x18.consensus.SnapshotChunk\x1a\x18.consensus.ApplyResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19raftkv/pb/consensus.proto\x12\tconsensus\"\xd4\x02\n\x07\x43ommand\x12\n\n\x02op\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04\x62key\x18\x05 \x01(\x0c\x12\x0e\n\x06\x62value\x18\x06 \x01(\x0c\x12\r\n\x05index\x18\x07 \x01(\x04\x12\x11\n\tclient_id\x18\x08 \x01(\t\x12\x0b\n\x03seq\x18\t \x01(\x04\x12!\n\x05\x62\x61tch\x18\n \x03(\x0b\x32\x12.consensus.Command\x12\r\n\x05\x66loor\x18\x0b \x01(\x04\x12\x19\n\x0c\x65xpect_value\x18\x0c \x01(\x0cH\x00\x88\x01\x01\x12\x1b\n\x0e\x65xpect_version\x18\r \x01(\x04H\x01\x88\x01\x01\x12 \n\x13\x65xpect_mod_revision\x18\x0e \x01(\x04H\x02\x88\x01\x01\x42\x0f\n\r_expect_valueB\x11\n\x0f_expect_versionB\x16\n\x14_expect_mod_revision\"d\n\x0fProposeResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x04\x12\"\n\x04\x63ode\x18\x04 \x01(\x0e\x32\x14.consensus.ErrorCode\"F\n\rApplyResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x15\n\rapplied_index\x18\x02 \x01(\x04\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"M\n\x08LogEntry\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12$\n\x08\x63ommands\x18\x03 \x03(\x0b\x32\x12.consensus.Command\";\n\x13\x41pplyEntriesRequest\x12$\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x13.consensus.LogEntry\"\x07\n\x05\x45mpty\"7\n\x12ReadBarrierRequest\x12!\n\x04mode\x18\x01 \x01(\x0e\x32\x13.consensus.ReadMode\"h\n\x13ReadBarrierResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x04\x12\"\n\x04\x63ode\x18\x04 \x01(\x0e\x32\x14.consensus.ErrorCode\"\x85\x01\n\x0fPipelineRequest\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12%\n\x07propose\x18\x02 \x01(\x0b\x32\x12.consensus.CommandH\x00\x12\x35\n\x0cread_barrier\x18\x03 \x01(\x0b\x32\x1d.consensus.ReadBarrierRequestH\x00\x42\x06\n\x04\x62ody\"\x8c\x01\n\rPipelineReply\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12-\n\x07propose\x18\x02 \x01(\x0b\x32\x1a.consensus.ProposeResponseH\x00\x12\x36\n\x0cread_barrier\x18\x03 \x01(\x0b\x32\x1e.consensus.ReadBarrierResponseH\x00\x42\x06\n\x04\x62ody\"$\n\x0fSnapshotRequest\x12\x11\n\tmin_index\x18\x01 \x01(\x04\"\x87\x01\n\rSnapshotChunk\x12\x15\n\rapplied_index\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x0e\n\x06values\x18\x03 \x03(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\x10\n\x08sessions\x18\x05 \x01(\x0c\x12\x10\n\x08revision\x18\x06 \x01(\x04\x12\x0f\n\x07records\x18\x07 \x03(\x0c*w\n\tErrorCode\x12\x06\n\x02OK\x10\x00\x12\x0f\n\x0b\x42\x41\x44_REQUEST\x10\x01\x12\r\n\tNO_LEADER\x10\x02\x12\x0e\n\nOVERLOADED\x10\x03\x12\x0f\n\x0bNOT_APPLIED\x10\x04\x12\x13\n\x0fOUTCOME_UNKNOWN\x10\x05\x12\x0c\n\x08INTERNAL\x10\x06*(\n\x08ReadMode\x12\x10\n\x0cLINEARIZABLE\x10\x00\x12\n\n\x06LEADER\x10\x01\x32\xd9\x01\n\x08RaftNode\x12\x39\n\x07Propose\x12\x12.consensus.Command\x1a\x1a.consensus.ProposeResponse\x12L\n\x0bReadBarrier\x12\x1d.consensus.ReadBarrierRequest\x1a\x1e.consensus.ReadBarrierResponse\x12\x44\n\x08Pipeline\x12\x1a.consensus.PipelineRequest\x1a\x18.consensus.PipelineReply(\x01\x30\x01\x32\x9d\x03\n\x0cStateMachine\x12\x35\n\x05\x41pply\x12\x12.consensus.Command\x1a\x18.consensus.ApplyResponse\x12H\n\x0c\x41pplyEntries\x12\x1e.consensus.ApplyEntriesRequest\x1a\x18.consensus.ApplyResponse\x12K\n\x0b\x41pplyStream\x12\x1e.consensus.ApplyEntriesRequest\x1a\x18.consensus.ApplyResponse(\x01\x30\x01\x12:\n\x0c\x41ppliedIndex\x12\x10.consensus.Empty\x1a\x18.consensus.ApplyResponse\x12\x42\n\x08Snapshot\x12\x1a.consensus.SnapshotRequest\x1a\x18.consensus.SnapshotChunk0\x01\x12?\n\x07Restore\x12\x18.consensus.SnapshotChunk\x1a\x18.consensus.ApplyResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'raftkv.pb.consensus_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ERRORCODE']._serialized_start=1045
-  _globals['_ERRORCODE']._serialized_end=1164
-  _globals['_READMODE']._serialized_start=1166
-  _globals['_READMODE']._serialized_end=1206
+  _globals['_ERRORCODE']._serialized_start=1324
+  _globals['_ERRORCODE']._serialized_end=1443
+  _globals['_READMODE']._serialized_start=1445
+  _globals['_READMODE']._serialized_end=1485
   _globals['_COMMAND']._serialized_start=41
   _globals['_COMMAND']._serialized_end=381
   _globals['_PROPOSERESPONSE']._serialized_start=383
@@ -51,12 +51,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_READBARRIERREQUEST']._serialized_end=761
   _globals['_READBARRIERRESPONSE']._serialized_start=763
   _globals['_READBARRIERRESPONSE']._serialized_end=867
-  _globals['_SNAPSHOTREQUEST']._serialized_start=869
-  _globals['_SNAPSHOTREQUEST']._serialized_end=905
-  _globals['_SNAPSHOTCHUNK']._serialized_start=908
-  _globals['_SNAPSHOTCHUNK']._serialized_end=1043
-  _globals['_RAFTNODE']._serialized_start=1209
-  _globals['_RAFTNODE']._serialized_end=1356
-  _globals['_STATEMACHINE']._serialized_start=1359
-  _globals['_STATEMACHINE']._serialized_end=1695
+  _globals['_PIPELINEREQUEST']._serialized_start=870
+  _globals['_PIPELINEREQUEST']._serialized_end=1003
+  _globals['_PIPELINEREPLY']._serialized_start=1006
+  _globals['_PIPELINEREPLY']._serialized_end=1146
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1148
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1184
+  _globals['_SNAPSHOTCHUNK']._serialized_start=1187
+  _globals['_SNAPSHOTCHUNK']._serialized_end=1322
+  _globals['_RAFTNODE']._serialized_start=1488
+  _globals['_RAFTNODE']._serialized_end=1705
+  _globals['_STATEMACHINE']._serialized_start=1708
+  _globals['_STATEMACHINE']._serialized_end=2121
 # @@protoc_insertion_point(module_scope)
