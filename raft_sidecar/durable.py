@@ -835,6 +835,10 @@ class DurableTCPTransport(TCPTransport):
 
     coalesce = True
     sync_before = SYNC_BEFORE_TYPES
+    # True: the leader sends AppendEntries before its own fdatasync and syncs at the
+    # next flush point, so its disk write overlaps the followers' (thesis §10.2.1).
+    # Safe by I1: setRaftCommitIndex syncs before any entry counts as committed.
+    parallel_leader_write = False
 
     def __init__(self, syncObj, selfNode, otherNodes):
         journal = getattr(syncObj, "_SyncObj__raftLog", None)
@@ -849,6 +853,9 @@ class DurableTCPTransport(TCPTransport):
                 f"call raft_sidecar.durable.install() before constructing SyncObj")
         self._deferred: list = []
         self._deferred_lock = threading.Lock()
+        self._sync_soon = False
+        if self.parallel_leader_write:
+            self.sync_before = self.sync_before - {"append_entries"}
         super().__init__(syncObj, selfNode, otherNodes)
         if self.coalesce and self._journal is not None:
             self._install_flush_points(syncObj)
@@ -897,12 +904,18 @@ class DurableTCPTransport(TCPTransport):
                             self._deferred.append((node, message))
                         return True
                     journal.sync("send:" + mtype)
+                elif mtype == "append_entries":
+                    self._sync_soon = True  # parallel_leader_write: synced at the next flush point
         self.on_send(node, message, journal)
         return TCPTransport.send(self, node, message)
 
     def flush(self) -> None:
         """Syncs the journal if dirty, then sends the queued messages in order."""
         if not self._deferred:
+            if self._sync_soon:
+                self._sync_soon = False
+                if self._journal is not None and self._journal._dirty:
+                    self._journal.sync("after:append_entries")
             return
         with self._deferred_lock:
             pending, self._deferred = self._deferred, []

@@ -49,6 +49,10 @@ class SecretTransport(DurableTCPTransport):
     parent directly; such a message could still meet a connection that dropped and
     reconnected within the same poll. That costs one reconnect, as before."""
 
+    # The leader's fdatasync overlaps the followers' instead of preceding them
+    # (about 0.35 ms less per write at one client; see DurableTCPTransport).
+    parallel_leader_write = True
+
     def __init__(self, syncObj, selfNode, otherNodes):
         self._secret_on = syncObj.encryptor is not None
         self._keyed: "weakref.WeakSet[Any]" = weakref.WeakSet()      # key exchange completed

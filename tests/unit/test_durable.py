@@ -407,6 +407,13 @@ class CountingJournal(DurableFileJournal):
         with _obs_lock:
             SYNCS[self.path][reason] += 1
 
+    def setRaftCommitIndex(self, raftCommitIndex):  # noqa: N802
+        # I1 in every mode: nothing counts as committed here before it is on disk.
+        super().setRaftCommitIndex(raftCommitIndex)
+        if self.synced_index < min(raftCommitIndex, self.last_index):
+            with _obs_lock:
+                VIOLATIONS.append((self.path, "commit", self.synced_index, raftCommitIndex))
+
 
 class CheckingTransport(DurableTCPTransport):
     def on_send(self, node, message, journal):
@@ -421,6 +428,22 @@ class CheckingTransport(DurableTCPTransport):
 
 class ImmediateCheckingTransport(CheckingTransport):
     coalesce = False
+
+
+DIRTY_APPENDS: collections.Counter = collections.Counter()
+
+
+class ParallelCheckingTransport(CheckingTransport):
+    """The leader sends AppendEntries before its own sync (as the sidecar does)."""
+    parallel_leader_write = True
+
+    def on_send(self, node, message, journal):
+        if message.get("type") == "append_entries":
+            if journal.dirty:
+                with _obs_lock:
+                    DIRTY_APPENDS[journal.path] += 1
+            return
+        super().on_send(node, message, journal)
 
 
 def _start_cluster(tmp_path, ports, transport=CheckingTransport):
@@ -562,12 +585,14 @@ def test_snapshot_install_discards_own_pending_compaction(installed, tmp_path):
         o.destroy()
 
 
-@pytest.mark.parametrize("transport", [CheckingTransport, ImmediateCheckingTransport], ids=["coalesce", "immediate"])
+@pytest.mark.parametrize("transport", [CheckingTransport, ImmediateCheckingTransport, ParallelCheckingTransport],
+                         ids=["coalesce", "immediate", "parallel-leader-write"])
 def test_cluster_syncs_before_sending_and_survives_full_restart(installed, tmp_path, transport):
     durable.install(journal_class=CountingJournal)
     SYNCS.clear()
     SENDS.clear()
     VIOLATIONS.clear()
+    DIRTY_APPENDS.clear()
     ports = free_ports(3)
     nodes = _start_cluster(tmp_path, ports, transport)
     try:
@@ -593,7 +618,11 @@ def test_cluster_syncs_before_sending_and_survives_full_restart(installed, tmp_p
     total = collections.Counter()
     for p in paths:
         total.update(SENDS[p])
-    assert total["next_node_idx"] > 0 and total["append_entries"] > 0
+    if transport is ParallelCheckingTransport:
+        # The leader's entries left before its own sync, and still none was committed unsynced.
+        assert sum(DIRTY_APPENDS.values()) > 0 and total["next_node_idx"] > 0
+    else:
+        assert total["next_node_idx"] > 0 and total["append_entries"] > 0
     # Compaction happened (logCompactionMinEntries=20) and the data dirs are consistent.
     firsts = [check_data_dir(p, p.replace(".journal", ".dump"))["first_index"] for p in paths]
     assert max(firsts) > 1, firsts
