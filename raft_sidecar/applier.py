@@ -86,7 +86,6 @@ class Applier:
         """Stops delivering: waits up to `timeout` for a delivery in progress."""
         with self._cond:
             self._stopping = True
-            self._cond.notify_all()
         if self._wake is not None:
             self._wake.set()
         if self._task is not None:
@@ -107,7 +106,7 @@ class Applier:
             self.submitted = index
             wake = not self._wake_pending
             self._wake_pending = True
-            self._cond.notify_all()
+        # The condition's only waiters are wait() callers, which wait for `processed`: no notify here.
         if wake and self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
 
