@@ -14,12 +14,13 @@ from time import monotonic as monotonic_time
 from typing import TYPE_CHECKING, Callable
 
 from pysyncobj import SyncObj, SyncObjConf, replicated
-from pysyncobj.syncobj import _RAFT_STATE
+from pysyncobj.syncobj import _RAFT_STATE, PIPE_NOTIFIER_ENABLED
 
 from . import durable
 from .raft_secret import SecretTransport
 from .applier import Applier
 from .config import SidecarConfig
+from . import read_index
 
 if TYPE_CHECKING:
     from .snapshot import Snapshots
@@ -105,6 +106,10 @@ class RaftKVNode(SyncObj):
         self._saved_members: list[str] | None = None
         self._stickiness = cfg.raft_min_timeout
         self._last_leader_contact = 0.0
+        # Probe again after a heartbeat period and a half without a majority; the
+        # asking node gives up when the engine would have (propose timeout).
+        self.read_index = read_index.ReadIndex(self, probe_timeout=cfg.heartbeat * 1.5,
+                                               give_up=cfg.propose_timeout)
         # fsync'd journal and meta, atomic compaction, a sync before any Raft message
         # that depends on the journal (note H1, H7); must run before SyncObj opens it.
         durable.install()
@@ -114,6 +119,7 @@ class RaftKVNode(SyncObj):
         self._persist_members()
         # A loaded snapshot replaces the peer set without the change hook below.
         self.addOnTickCallback(self._persist_members)
+        self.addOnTickCallback(self.read_index.tick)
 
     # -- replicated methods --------------------------------------------------------
     @replicated
@@ -175,6 +181,8 @@ class RaftKVNode(SyncObj):
           suffix (even applied entries) on each resend.
         """
         kind = message.get("type") if isinstance(message, dict) else None
+        if kind in read_index.MESSAGE_TYPES:
+            return self.read_index.on_message(node, message)
         if kind == "append_entries" and message.get("term", -1) >= self.raftCurrentTerm:
             self._last_leader_contact = monotonic_time()
         elif kind == "request_vote" and self._SyncObj__raftState == _RAFT_STATE.FOLLOWER \
@@ -192,6 +200,31 @@ class RaftKVNode(SyncObj):
                 and next_index.get(node, before) < before:
             next_index[node] = before
         return None
+
+    # -- what ReadIndex needs from PySyncObj's private state (tick thread only) -------------
+    def wake(self) -> None:
+        """Makes the tick thread run now rather than at its next poll timeout."""
+        if PIPE_NOTIFIER_ENABLED:
+            self._SyncObj__pipeNotifier.notify()
+
+    def is_leader(self) -> bool:
+        return self._SyncObj__raftState == _RAFT_STATE.LEADER
+
+    def leader_node(self):
+        return self._SyncObj__raftLeader
+
+    def send(self, node, message: dict) -> None:
+        self._SyncObj__transport.send(node, message)
+
+    def committed_in_own_term(self) -> bool:
+        """Until an entry of its own term commits, a new leader's commit index may be
+        behind what the previous leader committed (Raft §6.4; PySyncObj appends a
+        no-op on election, so this is one round trip)."""
+        entries = self._SyncObj__getEntries(self.raftCommitIndex, 1)
+        return bool(entries) and entries[0][2] == self.raftCurrentTerm
+
+    def applier_submitted(self) -> int:
+        return self._applier.submitted
 
     # -- membership ---------------------------------------------------------------------
     def _SyncObj__doChangeCluster(self, request, reverse=False):  # noqa: N802 (PySyncObj hook)

@@ -31,6 +31,14 @@ _OUTCOME = {
 }
 
 
+# A read index changes nothing, so every failure is safe to retry (the engine does).
+_READ_OUTCOME = {
+    FAIL_REASON.MISSING_LEADER: (pb.NO_LEADER, "no Raft leader is known (election in progress or no quorum)"),
+    FAIL_REASON.NOT_LEADER: (pb.NO_LEADER, "the read reached a node that is no longer leader"),
+    FAIL_REASON.LEADER_CHANGED: (pb.OUTCOME_UNKNOWN, "the leader changed or lost its majority during the read"),
+}
+
+
 class RaftOutcome(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
@@ -135,13 +143,27 @@ class RaftNodeService(pb_grpc.RaftNodeServicer):
             if request.mode == pb.LEADER:
                 index = await self._leader_index(started)
             else:
-                # A no-op entry: its commit proves a current leader with a live
-                # majority after the read arrived (note §4; H3).
-                index = await call_replicated(self._node.barrier, timeout=self._cfg.propose_timeout)
+                # ReadIndex: the leader's commit index, confirmed by a majority that
+                # still follows it after the read arrived (raft_sidecar/read_index.py).
+                index = await self._confirmed_read_index()
             await self._wait_applied(index, started)
         except RaftOutcome as out:
             return pb.ReadBarrierResponse(success=False, code=out.code, error=str(out))
         return pb.ReadBarrierResponse(success=True, index=index)
+
+    async def _confirmed_read_index(self) -> int:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[Any, int]] = loop.create_future()
+        self._node.read_index.request(lambda res, err: loop.call_soon_threadsafe(_settle, fut, (res, err)))
+        try:
+            index, err = await asyncio.wait_for(fut, self._cfg.propose_timeout)
+        except asyncio.TimeoutError:
+            raise RaftOutcome(pb.OUTCOME_UNKNOWN, "the leader could not confirm its leadership with a "
+                              f"majority within {self._cfg.propose_timeout:.1f}s") from None
+        if err != FAIL_REASON.SUCCESS:
+            code, message = _READ_OUTCOME.get(err, (pb.OUTCOME_UNKNOWN, f"read index failed: reason {err}"))
+            raise RaftOutcome(code, message)
+        return index
 
     async def _leader_index(self, started: float) -> int:
         """What this node last heard the leader had committed; no round trip."""
