@@ -30,6 +30,11 @@ class EngineConfig:
     read_timeout: float = 5.0
     max_inflight_writes: int = 4096
     max_batch_commands: int = 512
+    # Under load, the next proposal waits up to batch_window seconds for as many
+    # writes as the last one held (raft_client.RaftClient._fill_batch); never when
+    # the last proposal held fewer than batch_wait_min writes, so light load pays nothing.
+    batch_window: float = 0.004
+    batch_wait_min: int = 8
     max_scan_limit: int = 10_000     # /v1/range: most keys in one page
     max_txn_ops: int = 1_000         # /v1/txn: most ops in one transaction
     apply_audit: str | None = None
@@ -83,6 +88,11 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Eng
                    help="seconds a linearizable read waits for its barrier")
     p.add_argument("--max-inflight-writes", type=int, default=4096,
                    help="writes waiting for commit on this node; beyond it clients get 503 at once")
+    p.add_argument("--batch-window-ms", type=float, default=4.0,
+                   help="under load, how long the next Raft proposal may wait to fill up "
+                        "(0 turns it off; default 4)")
+    p.add_argument("--batch-wait-min", type=int, default=8,
+                   help="wait only when the previous proposal held at least this many writes (8)")
     p.add_argument("--max-scan-limit", type=int, default=10_000,
                    help="most keys one /v1/range page may ask for (limit=)")
     p.add_argument("--max-txn-ops", type=int, default=1_000,
@@ -105,6 +115,8 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Eng
         p.error("size limits must be positive")
     if a.max_scan_limit <= 0 or a.max_txn_ops <= 0:
         p.error("--max-scan-limit and --max-txn-ops must be positive")
+    if not 0 <= a.batch_window_ms <= 1000 or a.batch_wait_min < 1:
+        p.error("--batch-window-ms must be 0..1000 and --batch-wait-min at least 1")
     if a.max_concurrent_requests <= 0:
         p.error("--max-concurrent-requests must be positive")
     if bool(a.tls_cert_file) != bool(a.tls_key_file):
@@ -121,6 +133,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Eng
         sidecar_host=a.sidecar_host, max_key_bytes=a.max_key_bytes,
         max_value_bytes=a.max_value_bytes, propose_timeout=a.propose_timeout,
         read_timeout=a.read_timeout, max_inflight_writes=a.max_inflight_writes,
+        batch_window=a.batch_window_ms / 1000.0, batch_wait_min=a.batch_wait_min,
         apply_audit=a.apply_audit, log_level=a.log_level.upper(),
         max_scan_limit=a.max_scan_limit, max_txn_ops=a.max_txn_ops,
         client_token=client_token, metrics_public=a.metrics_public,

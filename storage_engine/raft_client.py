@@ -89,6 +89,9 @@ class RaftClient:
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_PROPOSALS)
         self._sender: asyncio.Task[None] | None = None
+        self._last_batch = 0
+        self._fill_target = 0  # while > 0, the send loop waits for this many pending writes
+        self._filled: asyncio.Future[None] | None = None
         self._inflight = 0
         # Exactly-once identity of this engine process as a Raft client (note H4).
         # "engine:" keeps it apart from v1 client ids, which cannot contain ':'.
@@ -149,6 +152,8 @@ class RaftClient:
         self._pending.append((item, fut))
         self._inflight += 1
         self._wakeup.set()
+        if self._fill_target and len(self._pending) >= self._fill_target:
+            self._end_fill()
         try:
             return await fut
         finally:
@@ -172,8 +177,36 @@ class RaftClient:
             self._wakeup.clear()
             while self._pending:
                 await self._slots.acquire()
+                await self._fill_batch()
                 batch = self._take_batch()
+                self._last_batch = len(batch)
                 asyncio.create_task(self._propose(batch))
+
+    async def _fill_batch(self) -> None:
+        """Under load, waits up to batch_window for as many writes as the last
+        proposal held. Most of a write's CPU is paid per Raft entry (messages, journal
+        writes and fsyncs, apply calls, on three nodes), so fuller entries are what
+        lets a saturated 2-core machine go faster: measured at 64 clients, 24 writes
+        an entry without the wait and 37-51 with it, 0.39 -> 0.20-0.30 ms of CPU per
+        write. The light-load path (last entry under batch_wait_min) never waits."""
+        window = self._cfg.batch_window
+        target = min(self._last_batch, self._cfg.max_batch_commands)
+        if window <= 0 or target < self._cfg.batch_wait_min or len(self._pending) >= target:
+            return
+        loop = asyncio.get_running_loop()
+        self._filled = loop.create_future()
+        self._fill_target = target
+        timer = loop.call_later(window, self._end_fill)
+        try:
+            await self._filled
+        finally:
+            timer.cancel()
+            self._fill_target = 0
+            self._filled = None
+
+    def _end_fill(self) -> None:
+        if self._filled is not None and not self._filled.done():
+            self._filled.set_result(None)
 
     def _take_batch(self) -> list[_Waiter]:
         """The next proposal: at most max_batch_commands requests and about

@@ -43,8 +43,9 @@ def test_engine_options():
         "--http-host", "127.0.0.2", "--grpc-host", "0.0.0.0", "--sidecar-host", "10.1.2.3",
         "--max-key-bytes", "100", "--max-value-bytes", "2000", "--propose-timeout", "1.5",
         "--read-timeout", "2.5", "--max-inflight-writes", "7", "--apply-audit", "/tmp/audit",
-        "--log-level", "debug",
+        "--log-level", "debug", "--batch-window-ms", "2.5", "--batch-wait-min", "3",
     ])
+    assert cfg.batch_window == 0.0025 and cfg.batch_wait_min == 3
     assert cfg.http_host == "127.0.0.2"
     assert cfg.grpc_host == "0.0.0.0"
     assert cfg.sidecar_target == "10.1.2.3:50052"
@@ -96,6 +97,8 @@ def test_engine_bad_port_is_a_usage_error(ports, capsys):
     POSITIONAL + ["--max-value-bytes", "0"],
     POSITIONAL + ["--max-key-bytes", "-5"],
     POSITIONAL + ["--no-such-option"],
+    POSITIONAL + ["--batch-window-ms", "-1"],
+    POSITIONAL + ["--batch-wait-min", "0"],
 ])
 def test_engine_bad_command_line_is_a_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as info:
