@@ -213,8 +213,9 @@ class RaftKVNode(SyncObj):
     def leader_node(self):
         return self._SyncObj__raftLeader
 
-    def send(self, node, message: dict) -> None:
-        self._SyncObj__transport.send(node, message)
+    def send(self, node, message: dict) -> bool:
+        """False when the connection to `node` is down (the message is dropped)."""
+        return bool(self._SyncObj__transport.send(node, message))
 
     def committed_in_own_term(self) -> bool:
         """Until an entry of its own term commits, a new leader's commit index may be

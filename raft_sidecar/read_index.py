@@ -69,7 +69,7 @@ class ReadIndex:
         self._queued: list[tuple[Any, Any]] = []  # (node or None, request id or callback)
         self._probe: _Probe | None = None
         # asking side
-        self._asked: dict[int, tuple[Callback, float]] = {}  # request id -> (callback, sent)
+        self._asked: dict[int, tuple[Callback, float, Any]] = {}  # id -> (callback, sent, leader asked)
         self._to_apply: list[tuple[int, Callback, float]] = []  # (read index, callback, since)
 
     # -- any thread -----------------------------------------------------------------------
@@ -88,13 +88,18 @@ class ReadIndex:
                 self._queued.append((None, callback))
             elif (leader_node := node.leader_node()) is not None:
                 request_id = next(self._ids)
-                self._asked[request_id] = (callback, now)
-                node.send(leader_node, {"type": REQUEST, "id": request_id})
+                self._asked[request_id] = (callback, now, leader_node)
+                if not node.send(leader_node, {"type": REQUEST, "id": request_id}):
+                    del self._asked[request_id]
+                    callback(None, FAIL_REASON.MISSING_LEADER)  # no connection to the leader
             else:
                 callback(None, FAIL_REASON.MISSING_LEADER)
         if self._asked:
-            for request_id, (callback, sent) in list(self._asked.items()):
-                if now - sent > self._give_up:
+            # An answer from a leader that crashed or was replaced never comes: fail
+            # such reads at once (the engine retries them) rather than at the timeout.
+            current = node.leader_node()
+            for request_id, (callback, sent, asked) in list(self._asked.items()):
+                if asked != current or now - sent > self._give_up:
                     del self._asked[request_id]
                     callback(None, FAIL_REASON.LEADER_CHANGED)
         if leader:
