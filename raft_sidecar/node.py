@@ -130,6 +130,8 @@ class RaftKVNode(SyncObj):
 
     @replicated
     def barrier(self) -> int:
+        """The read barrier entry of earlier versions (reads now use ReadIndex); kept so
+        that journals holding such entries still replay."""
         index = self.raftLastApplied + 1
         self._applier.submit(index, None)
         return index
