@@ -209,12 +209,6 @@ class RaftKVNode(SyncObj):
         if PIPE_NOTIFIER_ENABLED:
             self._SyncObj__pipeNotifier.notify()
 
-    def is_leader(self) -> bool:
-        return self._SyncObj__raftState == _RAFT_STATE.LEADER
-
-    def leader_node(self):
-        return self._SyncObj__raftLeader
-
     def send(self, node, message: dict) -> bool:
         """False when the connection to `node` is down (the message is dropped)."""
         return bool(self._SyncObj__transport.send(node, message))

@@ -79,14 +79,16 @@ class ReadIndex:
 
     # -- tick thread ------------------------------------------------------------------------
     def tick(self) -> None:
+        if not (self._incoming or self._asked or self._queued or self._probe or self._to_apply):
+            return  # the common case: PySyncObj ticks for every message batch
         node = self._node
         now = monotonic_time()
-        leader = node.is_leader()
+        leader = node._isLeader()
         while self._incoming:
             callback = self._incoming.popleft()
             if leader:
                 self._queued.append((None, callback))
-            elif (leader_node := node.leader_node()) is not None:
+            elif (leader_node := node._getLeader()) is not None:
                 request_id = next(self._ids)
                 self._asked[request_id] = (callback, now, leader_node)
                 if not node.send(leader_node, {"type": REQUEST, "id": request_id}):
@@ -97,7 +99,7 @@ class ReadIndex:
         if self._asked:
             # An answer from a leader that crashed or was replaced never comes: fail
             # such reads at once (the engine retries them) rather than at the timeout.
-            current = node.leader_node()
+            current = node._getLeader()
             for request_id, (callback, sent, asked) in list(self._asked.items()):
                 if asked != current or now - sent > self._give_up:
                     del self._asked[request_id]
@@ -119,7 +121,7 @@ class ReadIndex:
         kind = message["type"]
         if kind == PROBE:
             # Ack only the leader of our own term; a stale or newer term gets silence.
-            if message.get("term") == node.raftCurrentTerm and not node.is_leader():
+            if message.get("term") == node.raftCurrentTerm and not node._isLeader():
                 node.send(sender, {"type": ACK, "term": message["term"], "seq": message.get("seq")})
         elif kind == ACK:
             probe = self._probe
@@ -128,7 +130,7 @@ class ReadIndex:
                 probe.acks.add(sender)
                 self._lead(monotonic_time())
         elif kind == REQUEST:
-            if node.is_leader():
+            if node._isLeader():
                 self._queued.append((sender, message.get("id")))
                 self._lead(monotonic_time())
             else:

@@ -45,8 +45,13 @@ class RaftOutcome(Exception):
         self.code = code
 
 
-async def call_replicated(method: Callable[..., Any], *args: Any, timeout: float) -> Any:
-    """Runs a PySyncObj replicated call from asyncio; returns its result or raises RaftOutcome."""
+async def call_replicated(method: Callable[..., Any], *args: Any, timeout: float,
+                          outcomes: dict = _OUTCOME,
+                          late: str = "outcome unknown: not committed within {timeout:.1f}s; it may still commit",
+                          ) -> Any:
+    """Runs a call that answers on PySyncObj's tick thread through `callback(result,
+    FAIL_REASON)` (a replicated method, a read index) from asyncio; returns its result
+    or raises RaftOutcome, with `outcomes` and `late` saying what a failure means."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[tuple[Any, int]] = loop.create_future()
 
@@ -60,10 +65,9 @@ async def call_replicated(method: Callable[..., Any], *args: Any, timeout: float
     try:
         res, err = await asyncio.wait_for(asyncio.shield(fut), timeout)
     except asyncio.TimeoutError:
-        raise RaftOutcome(pb.OUTCOME_UNKNOWN,
-                          f"outcome unknown: not committed within {timeout:.1f}s; it may still commit") from None
+        raise RaftOutcome(pb.OUTCOME_UNKNOWN, late.format(timeout=timeout)) from None
     if err != FAIL_REASON.SUCCESS:
-        code, message = _OUTCOME.get(err, (pb.OUTCOME_UNKNOWN, f"outcome unknown: reason {err}"))
+        code, message = outcomes.get(err, (pb.OUTCOME_UNKNOWN, f"outcome unknown: reason {err}"))
         raise RaftOutcome(code, message)
     return res
 
@@ -145,25 +149,13 @@ class RaftNodeService(pb_grpc.RaftNodeServicer):
             else:
                 # ReadIndex: the leader's commit index, confirmed by a majority that
                 # still follows it after the read arrived (raft_sidecar/read_index.py).
-                index = await self._confirmed_read_index()
+                index = await call_replicated(
+                    self._node.read_index.request, timeout=self._cfg.propose_timeout, outcomes=_READ_OUTCOME,
+                    late="the leader could not confirm its leadership with a majority within {timeout:.1f}s")
             await self._wait_applied(index, started)
         except RaftOutcome as out:
             return pb.ReadBarrierResponse(success=False, code=out.code, error=str(out))
         return pb.ReadBarrierResponse(success=True, index=index)
-
-    async def _confirmed_read_index(self) -> int:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[tuple[Any, int]] = loop.create_future()
-        self._node.read_index.request(lambda res, err: loop.call_soon_threadsafe(_settle, fut, (res, err)))
-        try:
-            index, err = await asyncio.wait_for(fut, self._cfg.propose_timeout)
-        except asyncio.TimeoutError:
-            raise RaftOutcome(pb.OUTCOME_UNKNOWN, "the leader could not confirm its leadership with a "
-                              f"majority within {self._cfg.propose_timeout:.1f}s") from None
-        if err != FAIL_REASON.SUCCESS:
-            code, message = _READ_OUTCOME.get(err, (pb.OUTCOME_UNKNOWN, f"read index failed: reason {err}"))
-            raise RaftOutcome(code, message)
-        return index
 
     async def _leader_index(self, started: float) -> int:
         """What this node last heard the leader had committed; no round trip."""
