@@ -1,6 +1,10 @@
 """`python -m raft_sidecar` with the original's Go-style flags."""
 from __future__ import annotations
 
+from raftkv.grpc_env import use_iomgr_endpoints
+
+use_iomgr_endpoints()  # before grpc is imported
+
 import asyncio
 import logging
 import os

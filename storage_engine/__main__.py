@@ -1,6 +1,10 @@
 """`python -m storage_engine HTTP_PORT GRPC_PORT SIDECAR_PORT DB_PATH [options]`."""
 from __future__ import annotations
 
+from raftkv.grpc_env import use_iomgr_endpoints
+
+use_iomgr_endpoints()  # before grpc is imported
+
 import asyncio
 import logging
 import os
