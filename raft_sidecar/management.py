@@ -13,7 +13,6 @@ import time
 import aiohttp
 from aiohttp import web
 
-from raftkv.pb import consensus_pb2 as pb
 from raftkv.secretfile import same_secret
 
 from . import metrics, raft_secret
@@ -178,9 +177,8 @@ class Management:
     async def health(self, request: web.Request) -> web.Response:
         if self._node.leader_address() is None:
             return web.Response(status=503, text="no leader known")
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, lambda: self._applier.stub.AppliedIndex(pb.Empty(), timeout=1.0))
+            await self._applier.engine_applied_index(timeout=1.0)
         except Exception as exc:
             return web.Response(status=503, text=f"engine not answering at {self._cfg.app_addr}: {exc.__class__.__name__}")
         return web.Response(text="OK")

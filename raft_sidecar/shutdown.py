@@ -20,7 +20,6 @@ from typing import Any, Callable
 import grpc
 from pysyncobj import FAIL_REASON
 
-from raftkv.pb import consensus_pb2 as pb
 
 from .applier import Applier
 from .node import RaftKVNode
@@ -150,11 +149,10 @@ def _any_peer_connected(node: RaftKVNode) -> bool:
 
 async def wait_engine_gone(applier: Applier, timeout: float) -> bool:
     """True once the local engine's StateMachine no longer answers (it stopped)."""
-    loop = asyncio.get_running_loop()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            await loop.run_in_executor(None, lambda: applier.stub.AppliedIndex(pb.Empty(), timeout=0.5))
+            await applier.engine_applied_index(timeout=0.5)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 return True
