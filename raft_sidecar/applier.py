@@ -14,6 +14,7 @@ import asyncio
 import collections
 import heapq
 import itertools
+import json
 import logging
 import os
 import threading
@@ -31,6 +32,12 @@ log = logging.getLogger(__name__)
 MAX_ENTRIES_PER_CALL = 256
 APPLY_RPC_TIMEOUT = 5.0
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+# Every call on the blocking channel waits for it to connect (within the call's timeout).
+# With gRPC's iomgr endpoints (raftkv/grpc_env.py) a blocking channel only makes progress
+# connecting while a call on it waits: calls that failed at once instead reached an engine
+# up 30 ms after the sidecar only 5 s later, when the connect attempt timed out.
+_WAIT_FOR_READY = ("grpc.service_config", json.dumps(
+    {"methodConfig": [{"name": [{"service": "consensus.StateMachine"}], "waitForReady": True}]}))
 
 
 class Applier:
@@ -40,13 +47,11 @@ class Applier:
         self._app_addr = app_addr
         self._tls = tls
         # Blocking calls from threads (start-up, snapshots); deliveries and probes use an
-        # asyncio channel on the event loop (start()). With gRPC's iomgr endpoints
-        # (raftkv/grpc_env.py) a blocking channel only makes progress connecting while a
-        # call on it waits, so its calls pass wait_for_ready=True: one that failed at once
-        # instead reached an engine up 30 ms after the sidecar only 5 s later.
-        self._channel = grpc_tls.sync_channel(app_addr, tls, options=_CHANNEL_OPTIONS)
+        # asyncio channel on the event loop (start()).
+        self._channel = grpc_tls.sync_channel(app_addr, tls, options=[*_CHANNEL_OPTIONS, _WAIT_FOR_READY])
         self.stub = pb_grpc.StateMachineStub(self._channel)
         self._aio_channel: grpc.aio.Channel | None = None
+        self._aio_stub: pb_grpc.StateMachineStub | None = None
         self._stream: grpc.aio.StreamStreamCall | None = None
         self._fail_timeout = fail_timeout
         self._fail_stop = fail_stop or _exit_process
@@ -70,7 +75,7 @@ class Applier:
         last_err = None
         while time.monotonic() < deadline:
             try:
-                resp = self.stub.AppliedIndex(pb.Empty(), timeout=2.0, wait_for_ready=True)
+                resp = self.stub.AppliedIndex(pb.Empty(), timeout=2.0)
                 self.engine_applied = resp.applied_index
                 return resp.applied_index
             except grpc.RpcError as exc:
@@ -83,6 +88,7 @@ class Applier:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._aio_channel = grpc_tls.aio_channel(self._app_addr, self._tls, options=_CHANNEL_OPTIONS)
+        self._aio_stub = pb_grpc.StateMachineStub(self._aio_channel)
         self._task = self._loop.create_task(self._run())
 
     async def stop(self, timeout: float) -> None:
@@ -139,9 +145,8 @@ class Applier:
     async def engine_applied_index(self, timeout: float) -> int:
         """Asks the engine for its stored index on the asyncio channel (health probes:
         fails at once, UNAVAILABLE, when the engine is down)."""
-        assert self._aio_channel is not None, "start() first"
-        stub = pb_grpc.StateMachineStub(self._aio_channel)
-        resp = await stub.AppliedIndex(pb.Empty(), timeout=timeout)
+        assert self._aio_stub is not None, "start() first"
+        resp = await self._aio_stub.AppliedIndex(pb.Empty(), timeout=timeout)
         return resp.applied_index
 
     async def wait_async(self, index: int) -> None:

@@ -20,7 +20,6 @@ from typing import Any, Callable
 import grpc
 from pysyncobj import FAIL_REASON
 
-
 from .applier import Applier
 from .node import RaftKVNode
 

@@ -124,8 +124,7 @@ class Snapshots:
         # least everything up to the snapshot's index (it may hold more; see above).
         if not self._applier.wait(last_index, self._wait_timeout):
             raise SnapshotError(f"engine did not reach index {last_index} in time")
-        stream = self._applier.stub.Snapshot(pb.SnapshotRequest(), timeout=SNAPSHOT_RPC_TIMEOUT,
-                                           wait_for_ready=True)
+        stream = self._applier.stub.Snapshot(pb.SnapshotRequest(), timeout=SNAPSHOT_RPC_TIMEOUT)
         registry = self.node.registry_snapshot() if self.node else {}
         with open(path, "wb") as f:
             w = _CrcWriter(f)
@@ -164,7 +163,7 @@ class Snapshots:
         if self.node is not None:
             self.node.restore_registry(header["registry"])
         engine_index = header["engine_index"]
-        current = self._applier.stub.AppliedIndex(pb.Empty(), timeout=10, wait_for_ready=True).applied_index
+        current = self._applier.stub.AppliedIndex(pb.Empty(), timeout=10).applied_index
         if current >= engine_index:
             # Our own dump at start-up: the engine already holds this state or newer.
             log.info("dump at raft index %d: engine already at %d, keeping its data", last_index, current)
@@ -172,7 +171,7 @@ class Snapshots:
             self._applier.wait(self._applier.submitted, self._wait_timeout)
             resp = self._applier.stub.Restore(_chunks(path, engine_index, header.get("sessions", b""),
                                                       header.get("revision", 0), header.get("records", False)),
-                                              timeout=SNAPSHOT_RPC_TIMEOUT, wait_for_ready=True)
+                                              timeout=SNAPSHOT_RPC_TIMEOUT)
             if not resp.success:
                 raise SnapshotError(f"engine refused the snapshot: {resp.error}")
             current = resp.applied_index

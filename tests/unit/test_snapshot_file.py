@@ -35,7 +35,7 @@ class InProcessStub:
         self._service = service
         self.snapshot_requests: list[tuple[pb.SnapshotRequest, float | None]] = []
 
-    def Snapshot(self, request, timeout=None, wait_for_ready=None):
+    def Snapshot(self, request, timeout=None):
         self.snapshot_requests.append((request, timeout))
         agen = self._service.Snapshot(request, None)
         loop = asyncio.new_event_loop()
@@ -49,10 +49,10 @@ class InProcessStub:
             loop.run_until_complete(agen.aclose())
             loop.close()
 
-    def AppliedIndex(self, request, timeout=None, wait_for_ready=None):
+    def AppliedIndex(self, request, timeout=None):
         return asyncio.run(self._service.AppliedIndex(request, None))
 
-    def Restore(self, chunks, timeout=None, wait_for_ready=None):
+    def Restore(self, chunks, timeout=None):
         async def stream():
             for chunk in chunks:
                 yield chunk
@@ -244,7 +244,7 @@ def test_snapshot_is_consistent_while_the_engine_keeps_applying(stores, tmp_path
             super().__init__(store)
             inner = self.stub.Snapshot
 
-            def snapshot(request, timeout=None, wait_for_ready=None):
+            def snapshot(request, timeout=None):
                 for i, chunk in enumerate(inner(request, timeout)):
                     yield chunk
                     if i == 0:
