@@ -85,7 +85,7 @@ async def serve(cfg: SidecarConfig) -> int:
         raise SystemExit(f"refusing to start: {exc}")
     loop = asyncio.get_running_loop()
     log.info("%s", cfg.grpc_tls.describe())
-    applier = Applier(cfg.app_addr, cfg.apply_fail_timeout, tls=cfg.grpc_tls)
+    applier = Applier(cfg.app_addr, cfg.apply_fail_timeout, tls=cfg.grpc_tls, batch_delay=cfg.apply_batch_delay)
     engine_index = await loop.run_in_executor(None, applier.connect, time.monotonic() + ENGINE_WAIT)
     log.info("engine at %s has applied index %d", cfg.app_addr, engine_index)
     applier.start()

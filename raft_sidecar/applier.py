@@ -7,6 +7,16 @@ that batches runs of entries into one request on a long-lived ApplyStream (a
 message on an open stream costs about half of a unary call). "Committed"
 therefore comes before "applied", and everything that answers a client waits on
 `processed` here, not on PySyncObj.
+
+Entries that nothing on this node waits for (on a follower: every write that came
+through another node) are held for up to `batch_delay` and then delivered together:
+each apply request costs both processes a gRPC message and a thread hand-off, and
+at one client those were a quarter of the cluster's CPU. Measured at one client on
+2 cores (two clusters side by side, alternating runs): with 20 ms the six processes
+spend 3.25 ms of CPU per write instead of 4.37, and write latency p50 falls from
+2.51 to 2.05 ms (3 ms helped less than 10 ms, 25 ms a little more). A waiter (a
+proposal or a read on this node, a snapshot) ends the hold at once, so holding never
+delays an answer; only `local` reads on this node see a write up to `batch_delay` later.
 """
 from __future__ import annotations
 
@@ -43,7 +53,7 @@ _WAIT_FOR_READY = ("grpc.service_config", json.dumps(
 class Applier:
     def __init__(self, app_addr: str, fail_timeout: float,
                  fail_stop: Callable[[str], None] | None = None,
-                 tls: grpc_tls.GrpcTLS = grpc_tls.GrpcTLS()) -> None:
+                 tls: grpc_tls.GrpcTLS = grpc_tls.GrpcTLS(), batch_delay: float = 0.0) -> None:
         self._app_addr = app_addr
         self._tls = tls
         # Blocking calls from threads (start-up, snapshots); deliveries and probes use an
@@ -67,6 +77,11 @@ class Applier:
         self._wake: asyncio.Event | None = None
         self._wake_pending = False
         self._task: asyncio.Task[None] | None = None
+        self._batch_delay = batch_delay
+        self._urgent: asyncio.Event | None = None  # set when someone waits: stop holding entries back
+        self._sync_waiting = 0                     # wait() callers (threads)
+        self.deliveries = 0                        # ApplyStream requests the engine accepted
+        self.delivered_entries = 0                 # entries in them
 
     # -- start ---------------------------------------------------------------
     def connect(self, deadline: float) -> int:
@@ -87,6 +102,7 @@ class Applier:
         """Starts delivering; call on the event loop that will run the applier."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        self._urgent = asyncio.Event()
         self._aio_channel = grpc_tls.aio_channel(self._app_addr, self._tls, options=_CHANNEL_OPTIONS)
         self._aio_stub = pb_grpc.StateMachineStub(self._aio_channel)
         self._task = self._loop.create_task(self._run())
@@ -97,6 +113,7 @@ class Applier:
             self._stopping = True
         if self._wake is not None:
             self._wake.set()
+            self._urgent.set()
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), max(timeout, 0.01))
@@ -124,12 +141,22 @@ class Applier:
         Never call it on the applier's event loop."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self.processed < index:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
+            if self.processed >= index:
+                return True
+            self._sync_waiting += 1
+        try:
+            if self._loop is not None and self._urgent is not None:
+                self._loop.call_soon_threadsafe(self._urgent.set)
+            with self._cond:
+                while self.processed < index:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(left)
+            return True
+        finally:
+            with self._cond:
+                self._sync_waiting -= 1
 
     def reset_to(self, index: int, engine_applied: int) -> None:
         """After a snapshot was installed: entries up to `index` will never be delivered."""
@@ -156,6 +183,8 @@ class Applier:
                 return
             fut: asyncio.Future[None] = loop.create_future()
             heapq.heappush(self._waiters, (index, next(self._tiebreak), loop, fut))
+        if self._urgent is not None:
+            self._urgent.set()
         await fut
 
     # -- the applier task ------------------------------------------------------------
@@ -172,6 +201,7 @@ class Applier:
                 # A submit() from now on schedules _wake.set() to run after this clear.
                 self._wake.clear()
                 await self._wake.wait()
+                await self._hold_back()
                 continue
             entries = [(i, c) for i, c in batch if c is not None and i > self.engine_applied]
             if entries and not await self._deliver(entries):
@@ -182,6 +212,20 @@ class Applier:
                     self.processed = last
                 self._release_waiters()
                 self._cond.notify_all()
+
+    async def _hold_back(self) -> None:
+        """Lets entries that nobody here waits for gather for up to batch_delay."""
+        if self._batch_delay <= 0 or self._needed():
+            return
+        assert self._urgent is not None
+        self._urgent.clear()
+        try:
+            await asyncio.wait_for(self._urgent.wait(), self._batch_delay)
+        except asyncio.TimeoutError:
+            pass
+
+    def _needed(self) -> bool:
+        return bool(self._waiters) or self._sync_waiting > 0 or self._stopping
 
     async def _deliver(self, entries: list[tuple[int, bytes]]) -> bool:
         """True once the engine stored the entries; False when asked to stop first."""
@@ -194,6 +238,8 @@ class Applier:
                 resp = await asyncio.wait_for(self._apply(request), APPLY_RPC_TIMEOUT)
                 if resp.success:
                     self.engine_applied = resp.applied_index
+                    self.deliveries += 1
+                    self.delivered_entries += len(entries)
                     return True
                 problem = f"engine refused entries {first}..{last}: {engine_error(resp.error)}"
             except grpc.aio.AioRpcError as exc:

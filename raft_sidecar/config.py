@@ -42,6 +42,9 @@ class SidecarConfig:
     compact_seconds: float = 600.0
     propose_timeout: float = 5.0
     apply_fail_timeout: float = 30.0
+    # Committed entries nobody on this node waits for are delivered to the engine
+    # in batches gathered over this long (applier.py); 0 delivers each at once.
+    apply_batch_delay: float = 0.02
     join_tries: int = 20
     join_interval: float = 2.0
     # Warnings found while parsing, logged by main() once logging is set up.
@@ -124,6 +127,10 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Sid
     p.add_argument("--propose-timeout", type=float, default=5.0)
     p.add_argument("--apply-fail-timeout", type=float, default=30.0,
                    help="exit (fail-stop) if the engine refuses committed entries this long")
+    p.add_argument("--apply-batch-delay", type=float, default=0.02,
+                   help="seconds this node may hold committed entries that no request on it waits for, "
+                        "to hand them to its engine several per call (0.02; 0 = one by one at once). "
+                        "Only `local` reads on this node see such writes up to this much later")
     p.add_argument("--join-tries", type=int, default=20)
     p.add_argument("--join-interval", type=float, default=2.0)
     grpc_tls.add_arguments(p, env, peer="engine's StateMachine")
@@ -137,6 +144,8 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Sid
     lo, hi = a.election_timeout
     if not 0 < lo < hi:
         p.error("--election-timeout needs 0 < MIN < MAX")
+    if not 0 <= a.apply_batch_delay <= 1.0:
+        p.error(f"--apply-batch-delay must be between 0 and 1 second, got {a.apply_batch_delay}")
     try:
         cluster_token, token_notices = resolve_secret(
             "cluster token", file=a.cluster_token_file, env=env, env_var="CLUSTER_TOKEN",
@@ -155,6 +164,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Sid
         connection_timeout=max(3.5, hi + 1.0), leader_fallback_timeout=max(3.0, hi * 1.5),
         compact_entries=a.compact_entries, compact_seconds=a.compact_seconds,
         propose_timeout=a.propose_timeout, apply_fail_timeout=a.apply_fail_timeout,
+        apply_batch_delay=a.apply_batch_delay,
         join_tries=a.join_tries, join_interval=a.join_interval, grpc_tls=tls,
         notices=tuple(token_notices + secret_notices),
     )

@@ -15,7 +15,7 @@ from typing import Iterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from raftkv.http_metrics import install_http
@@ -101,6 +101,10 @@ class SidecarCollector(Collector):
         yield _gauge("raftkv_sidecar_apply_queue_entries",
                      "Entries handed to the applier and not yet delivered to the engine",
                      max(submitted - processed, 0))
+        yield _counter("raftkv_sidecar_apply_calls", "Apply requests the engine accepted",
+                       getattr(applier, "deliveries", 0))
+        yield _counter("raftkv_sidecar_apply_call_entries", "Raft entries in those requests",
+                       getattr(applier, "delivered_entries", 0))
         try:
             is_leader = bool(node._isLeader())
             leader = node.leader_address()
@@ -146,6 +150,12 @@ def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
     g = GaugeMetricFamily(name, help_text)
     g.add_metric([], float(value or 0))
     return g
+
+
+def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
+    c = CounterMetricFamily(name, help_text)
+    c.add_metric([], float(value or 0))
+    return c
 
 
 def install(app: web.Application, node: RaftKVNode, applier: Applier) -> None:

@@ -21,7 +21,8 @@ ENGINE_METRICS = {
 SIDECAR_METRICS = {
     "raftkv_raft_term", "raftkv_raft_commit_index", "raftkv_raft_last_applied_index",
     "raftkv_sidecar_applied_index", "raftkv_sidecar_engine_applied_index", "raftkv_sidecar_apply_lag_entries",
-    "raftkv_sidecar_apply_queue_entries", "raftkv_raft_is_leader", "raftkv_raft_has_leader",
+    "raftkv_sidecar_apply_queue_entries", "raftkv_sidecar_apply_calls", "raftkv_sidecar_apply_call_entries",
+    "raftkv_raft_is_leader", "raftkv_raft_has_leader",
     "raftkv_raft_members", "raftkv_raft_leader_changes", "raftkv_raft_became_leader",
     "raftkv_raft_log_entries", "raftkv_raft_peer_connected", "raftkv_raft_proposals_in_flight",
     "raftkv_mgmt_requests", "raftkv_mgmt_request_duration_seconds",
@@ -157,3 +158,9 @@ def test_sidecar_metrics_follow_raft_state(c: Cluster):
     assert status_calls >= 3
     assert after.value("raftkv_sidecar_apply_lag_entries") >= 0
     assert "/metrics" not in after.label_values("raftkv_mgmt_requests_total", "endpoint")
+    # Every node delivered the writes to its engine; an apply request carries one entry or more.
+    for n in c.nodes:
+        a, b = scrape(n.mgmt_url), before[n.node_id]
+        entries = a.value("raftkv_sidecar_apply_call_entries_total") - b.value("raftkv_sidecar_apply_call_entries_total")
+        calls = a.value("raftkv_sidecar_apply_calls_total") - b.value("raftkv_sidecar_apply_calls_total")
+        assert entries >= WRITES and 1 <= calls <= entries, (n.node_id, calls, entries)

@@ -126,6 +126,7 @@ def test_sidecar_defaults():
     assert cfg.journal_file == "raft-data/raft.journal"
     assert cfg.dump_file == "raft-data/raft.dump"
     assert cfg.members_file == "raft-data/members.json"
+    assert cfg.apply_batch_delay == 0.02
 
 
 def test_sidecar_default_advertise_is_the_hostname_with_the_raft_port():
@@ -194,7 +195,9 @@ def test_sidecar_bootstrap_followed_by_other_flags_keeps_them():
 
 
 @pytest.mark.parametrize("argv", [["-bootstrap=maybe"], ["-raft=abc"], ["-nosuchflag"],
-                                  ["--election-timeout", "2", "1"], ["--election-timeout", "0", "1"]])
+                                  ["--election-timeout", "2", "1"], ["--election-timeout", "0", "1"],
+                                  ["-apply-batch-delay=-0.1"], ["-apply-batch-delay", "2"],
+                                  ["-apply-batch-delay=soon"]])
 def test_sidecar_bad_flags_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as info:
         sidecar.parse_args(argv)
@@ -240,6 +243,12 @@ def test_sidecar_empty_cluster_token_means_none():
 def test_sidecar_log_level_from_environment_and_flag():
     assert sidecar.parse_args([], {"LOG_LEVEL": "debug"}).log_level == "DEBUG"
     assert sidecar.parse_args(["-log-level", "warning"], {"LOG_LEVEL": "debug"}).log_level == "WARNING"
+
+
+@pytest.mark.parametrize("argv, expected", [(["-apply-batch-delay=0"], 0.0), (["--apply-batch-delay", "0.005"], 0.005),
+                                            (["-apply-batch-delay", "1"], 1.0)])
+def test_sidecar_apply_batch_delay(argv, expected):
+    assert sidecar.parse_args(argv).apply_batch_delay == expected
 
 
 def test_sidecar_election_timeout_drives_the_other_timeouts():
