@@ -14,14 +14,16 @@ each apply request costs both processes a gRPC message and a thread hand-off, an
 at one client those were a quarter of the cluster's CPU. Measured at one client on
 2 cores (two clusters side by side, alternating runs): with 20 ms the six processes
 spend 3.25 ms of CPU per write instead of 4.37, and write latency p50 falls from
-2.51 to 2.05 ms (3 ms helped less than 10 ms, 25 ms a little more). A waiter (a
-proposal or a read on this node, a snapshot) ends the hold at once, so holding never
-delays an answer; only `local` reads on this node see a write up to `batch_delay` later.
+2.51 to 2.05 ms (3 ms helped less than 10 ms, 25 ms a little more). Nothing is held
+while a proposal or a read is in progress on this node, and a waiter (such a request,
+a snapshot) ends a hold at once, so holding never delays an answer; only `local` reads
+on this node see a write up to `batch_delay` later.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import heapq
 import itertools
 import json
@@ -29,7 +31,7 @@ import logging
 import os
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import grpc
 
@@ -80,6 +82,7 @@ class Applier:
         self._batch_delay = batch_delay
         self._urgent: asyncio.Event | None = None  # set when someone waits: stop holding entries back
         self._sync_waiting = 0                     # wait() callers (threads)
+        self._expecting = 0                        # requests here that will wait for an entry
         self.deliveries = 0                        # ApplyStream requests the engine accepted
         self.delivered_entries = 0                 # entries in them
 
@@ -176,6 +179,17 @@ class Applier:
         resp = await self._aio_stub.AppliedIndex(pb.Empty(), timeout=timeout)
         return resp.applied_index
 
+    @contextlib.contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Marks a request on this node that will wait for an entry (a proposal, a read):
+        while one is open nothing is held back. Its waiter alone would end the hold too,
+        but only after a few turns of the event loop: at one client, 4% more writes/s."""
+        self._expecting += 1
+        try:
+            yield
+        finally:
+            self._expecting -= 1
+
     async def wait_async(self, index: int) -> None:
         loop = asyncio.get_running_loop()
         with self._cond:
@@ -225,7 +239,7 @@ class Applier:
             pass
 
     def _needed(self) -> bool:
-        return bool(self._waiters) or self._sync_waiting > 0 or self._stopping
+        return bool(self._waiters) or self._sync_waiting > 0 or self._expecting > 0 or self._stopping
 
     async def _deliver(self, entries: list[tuple[int, bytes]]) -> bool:
         """True once the engine stored the entries; False when asked to stop first."""

@@ -134,9 +134,10 @@ class RaftNodeService(pb_grpc.RaftNodeServicer):
             return pb.ProposeResponse(success=False, code=pb.BAD_REQUEST, error=f"unknown op {request.op!r}")
         started = time.monotonic()
         try:
-            index = await call_replicated(self._node.propose, request.SerializeToString(),
-                                          timeout=self._cfg.propose_timeout)
-            await self._wait_applied(index, started)
+            with self._applier.expecting():
+                index = await call_replicated(self._node.propose, request.SerializeToString(),
+                                              timeout=self._cfg.propose_timeout)
+                await self._wait_applied(index, started)
         except RaftOutcome as out:
             return pb.ProposeResponse(success=False, code=out.code, error=str(out))
         return pb.ProposeResponse(success=True, index=index)
@@ -144,15 +145,16 @@ class RaftNodeService(pb_grpc.RaftNodeServicer):
     async def _read_barrier(self, request: pb.ReadBarrierRequest) -> pb.ReadBarrierResponse:
         started = time.monotonic()
         try:
-            if request.mode == pb.LEADER:
-                index = await self._leader_index(started)
-            else:
-                # ReadIndex: the leader's commit index, confirmed by a majority that
-                # still follows it after the read arrived (raft_sidecar/read_index.py).
-                index = await call_replicated(
-                    self._node.read_index.request, timeout=self._cfg.propose_timeout, outcomes=_READ_OUTCOME,
-                    late="the leader could not confirm its leadership with a majority within {timeout:.1f}s")
-            await self._wait_applied(index, started)
+            with self._applier.expecting():
+                if request.mode == pb.LEADER:
+                    index = await self._leader_index(started)
+                else:
+                    # ReadIndex: the leader's commit index, confirmed by a majority that
+                    # still follows it after the read arrived (raft_sidecar/read_index.py).
+                    index = await call_replicated(
+                        self._node.read_index.request, timeout=self._cfg.propose_timeout, outcomes=_READ_OUTCOME,
+                        late="the leader could not confirm its leadership with a majority within {timeout:.1f}s")
+                await self._wait_applied(index, started)
         except RaftOutcome as out:
             return pb.ReadBarrierResponse(success=False, code=out.code, error=str(out))
         return pb.ReadBarrierResponse(success=True, index=index)

@@ -164,3 +164,22 @@ async def _stop_ends_the_hold_without_claiming_entries_applied(h: Harness) -> No
     assert time.monotonic() - started < 1.0
     assert h.applier.processed < last
     assert h.engine_index() == before
+
+
+def test_a_request_expecting_an_entry_lets_it_through_unheld(engine: str) -> None:
+    """A proposal or read in progress on this node (Applier.expecting) will wait for entries
+    before it can register for one: nothing is held while it is open, and after it the
+    hold is back."""
+    run(engine, 5.0, _a_request_expecting_an_entry_lets_it_through_unheld)
+
+
+async def _a_request_expecting_an_entry_lets_it_through_unheld(h: Harness) -> None:
+    with h.applier.expecting():
+        last = await h.submit(2)
+        took = await h.until(lambda: h.applier.processed >= last, timeout=2.0)
+    assert took < 1.0
+    assert h.engine_index() == last
+    await asyncio.sleep(0.05)  # idle again
+    held = await h.submit(1)
+    await asyncio.sleep(0.3)
+    assert h.applier.processed < held, "held back while no request expects an entry"
