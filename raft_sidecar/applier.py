@@ -146,19 +146,17 @@ class Applier:
         with self._cond:
             if self.processed >= index:
                 return True
-            self._sync_waiting += 1
-        try:
-            if self._loop is not None and self._urgent is not None:
-                self._loop.call_soon_threadsafe(self._urgent.set)
-            with self._cond:
+            self._sync_waiting += 1  # no hold starts while we wait; the urgent event ends one under way
+            try:
+                if self._loop is not None and self._urgent is not None:
+                    self._loop.call_soon_threadsafe(self._urgent.set)
                 while self.processed < index:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return False
                     self._cond.wait(left)
-            return True
-        finally:
-            with self._cond:
+                return True
+            finally:
                 self._sync_waiting -= 1
 
     def reset_to(self, index: int, engine_applied: int) -> None:
